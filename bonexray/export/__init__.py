@@ -1,0 +1,1 @@
+"""Export of trained checkpoints to ONNX model files that carry their own contract."""

@@ -1,0 +1,147 @@
+"""The one decode + resize: any view file -> uint8 grayscale, used by trainer, export and worker."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# File name endings that make a file a view (compared case-insensitively).
+VIEW_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
+
+# The resize rules a model can be exported with; the name travels in the model's metadata.
+RESIZE_RULES = ("letterbox", "stretch")
+DEFAULT_RESIZE = "letterbox"
+
+# Pillow warns (and does not fail) between MAX_IMAGE_PIXELS and twice that; we check the
+# size ourselves before decoding, so its warning is only noise. Set once, at import, since
+# warning filters are process-wide and not safe to toggle per thread.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+class ImageError(ValueError):
+    """A view file that cannot be turned into pixels; the message is one line."""
+
+
+def is_view_file(name: str) -> bool:
+    """True for a non-hidden file name with a view extension."""
+    return not name.startswith(".") and Path(name).suffix.lower() in VIEW_EXTENSIONS
+
+
+def _to_uint8(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode == "L":
+        return np.asarray(img, dtype=np.uint8)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit and float images: Pillow's convert('L') clips at 255, so scale through numpy
+        # from the image's own range (archives store 10-, 12- and 16-bit data alike).
+        arr = np.asarray(img).astype(np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        if not np.isfinite(lo) or not np.isfinite(hi):
+            raise ImageError(f"image of mode {mode} holds non-finite values")
+        if hi <= lo:
+            return np.zeros(arr.shape, dtype=np.uint8)
+        return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        # Transparent pixels become black (the usual radiograph background), not whatever
+        # colour happens to sit under the alpha channel.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def decode_gray(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                draft_size: int | None = None) -> np.ndarray:
+    """Decode a view file to a uint8 [H, W] array, EXIF orientation applied.
+
+    Raises ImageError with a one-line reason for anything that is not a whole, decodable
+    image of a sane size. `draft_size` lets JPEG decode at a reduced scale that is still at
+    least that many pixels on each side (much faster, same result after resizing).
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"image too large: {width}x{height} = {width * height} pixels "
+                    f"> limit {max_pixels}"
+                )
+            if width < 1 or height < 1:
+                raise ImageError(f"image has no pixels: {width}x{height}")
+            if draft_size and img.format == "JPEG" and img.mode in ("L", "RGB"):
+                img.draft("L", (draft_size, draft_size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_uint8(img)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except IsADirectoryError:
+        raise ImageError("not a file") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except UnidentifiedImageError:
+        size = _file_size(path)
+        if size == 0:
+            raise ImageError("empty file (0 bytes)") from None
+        raise ImageError("not a decodable image (unknown format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image too large: {_one_line(exc)}") from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as exc:
+        # Pillow reports truncated and corrupt data as OSError (and a few older decoders as
+        # SyntaxError/ValueError). Never LOAD_TRUNCATED_IMAGES: a cut-off file fails its view.
+        raise ImageError(f"corrupt image: {_one_line(exc)}") from None
+
+
+def _file_size(path: str | Path) -> int:
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return -1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+def resize_gray(pixels: np.ndarray, size: int, rule: str = DEFAULT_RESIZE) -> np.ndarray:
+    """Resize a uint8 [H, W] array to [size, size].
+
+    letterbox: keep the aspect ratio, scale the longer side to `size`, pad with black,
+    centred (nothing of the anatomy is cropped away). stretch: scale each axis to `size`.
+    Pillow's antialiased bilinear filter in mode L (cheaper than RGB; channels are
+    repeated inside the model graph).
+    """
+    if rule not in RESIZE_RULES:
+        raise ValueError(f"unknown resize rule {rule!r}; choose one of {', '.join(RESIZE_RULES)}")
+    img = Image.fromarray(pixels, mode="L")
+    h, w = pixels.shape
+    if rule == "stretch":
+        if (w, h) != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+    scale = size / max(w, h)
+    new_w = max(1, min(size, round(w * scale)))
+    new_h = max(1, min(size, round(h * scale)))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    if (new_w, new_h) == (size, size):
+        return np.asarray(img, dtype=np.uint8)
+    out = np.zeros((size, size), dtype=np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = np.asarray(img, dtype=np.uint8)
+    return out
+
+
+def load_view(path: str | Path, size: int, rule: str = DEFAULT_RESIZE, *,
+              max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode and resize one view: uint8 [size, size]. Raises ImageError."""
+    pixels = decode_gray(path, max_pixels=max_pixels, draft_size=size)
+    return resize_gray(pixels, size, rule)

@@ -1,0 +1,98 @@
+"""One Settings object, read once from the environment (BONEXRAY_*); defaults run embedded."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_PREFIX = "BONEXRAY_"
+
+
+class SettingsError(ValueError):
+    """A BONEXRAY_* variable holds a value that cannot be used."""
+
+
+def resolve_database_url(url: str) -> str:
+    """Make a relative SQLite file URL absolute, once, so that every process agrees on it."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        return url
+    rest = url[len(prefix) :]
+    if rest in ("", ":memory:") or rest.startswith("/") or rest.startswith("file:"):
+        return url
+    path, sep, query = rest.partition("?")
+    return prefix + str(Path(path).resolve()) + sep + query
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime configuration. Every field can be set as BONEXRAY_<FIELD NAME IN CAPITALS>."""
+
+    database_url: str = "sqlite:///bonexray.db"
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    queue: str = "bonexray"
+    # Studies per Celery task: one call batches the views of many studies into full batches.
+    chunk_size: int = 16
+    # Largest batch handed to onnxruntime.
+    batch_size: int = 16
+    # Threads decoding images ahead of inference.
+    decode_threads: int = 2
+    # Views decoded ahead of inference, at most (bounds memory).
+    prefetch_views: int = 64
+    # onnxruntime intra-op threads; 0 = cores / worker processes.
+    intra_op_threads: int = 0
+    # Worker processes sharing this machine's cores (set by `bonexray worker --concurrency`).
+    worker_processes: int = 1
+    # "auto" = CUDA when it really loads, else CPU; or a comma list of ORT provider names.
+    providers: str = "auto"
+    require_gpu: bool = False
+    # Seconds before Redis hands an unacknowledged task to another worker. Must exceed the
+    # worst chunk time, and every retry countdown stays below it.
+    visibility_timeout: int = 3600
+    max_retries: int = 5
+    # Largest image accepted, in pixels (a decompression bomb fails its view).
+    max_image_pixels: int = 89_478_485
+    log_level: str = "INFO"
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _convert(name: str, raw: str, kind: type) -> object:
+    if kind is bool:
+        value = raw.strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean (use 1 or 0)")
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise SettingsError(
+                f"{ENV_PREFIX}{name.upper()}={raw!r} is not an integer"
+            ) from None
+    return raw
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Build Settings from an environment mapping (os.environ by default)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    types = {"str": str, "int": int, "bool": bool}
+    for f in dataclasses.fields(Settings):
+        key = ENV_PREFIX + f.name.upper()
+        if key in env:
+            values[f.name] = _convert(f.name, env[key], types[str(f.type)])
+    settings = Settings(**values)  # type: ignore[arg-type]
+    return settings.replace(database_url=resolve_database_url(settings.database_url))
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return load_settings()

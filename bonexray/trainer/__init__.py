@@ -1,0 +1,1 @@
+"""Training DenseNet-169 on MURA-layout data (needs the train extra: torch, torchvision)."""

@@ -1,0 +1,1 @@
+"""Celery worker side: ORT inference, the pipeline, tasks. Never imports torch."""
