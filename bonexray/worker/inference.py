@@ -1,0 +1,137 @@
+"""One onnxruntime session per model: providers, threads, sha256 check, metadata, batched calls."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from bonexray.modelmeta import INPUT_NAME, OUTPUT_PROB, ModelInfo, parse_metadata
+from bonexray.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class ModelLoadError(RuntimeError):
+    """The model file cannot be used: missing, tampered with, or not a bonexray model."""
+
+
+class ProviderError(RuntimeError):
+    """The execution provider the settings demand is not active."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def intra_op_threads(settings: Settings) -> int:
+    """Threads per session: the configured number, else cores shared among worker processes."""
+    if settings.intra_op_threads > 0:
+        return settings.intra_op_threads
+    return max(1, available_cores() // max(1, settings.worker_processes))
+
+
+def requested_providers(settings: Settings) -> list[str]:
+    """Providers to ask onnxruntime for, in order of preference."""
+    if settings.providers.strip().lower() != "auto":
+        names = [p.strip() for p in settings.providers.split(",") if p.strip()]
+        unknown = [p for p in names if p not in ort.get_all_providers()]
+        if unknown:
+            raise ProviderError(
+                f"unknown onnxruntime provider(s) {', '.join(unknown)}; "
+                f"known: {', '.join(ort.get_all_providers())}"
+            )
+        return names
+    # onnxruntime-gpu lists CUDA as available even where its libraries cannot load;
+    # we ask for it and then trust only session.get_providers().
+    if CUDA in ort.get_available_providers():
+        return [CUDA, CPU]
+    return [CPU]
+
+
+class Classifier:
+    """An onnxruntime session for one bonexray model file, ready for uint8 batches."""
+
+    def __init__(self, path: str | Path, *, settings: Settings,
+                 expected_sha256: str | None = None) -> None:
+        self.path = str(path)
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read model {path}: {exc.strerror or exc}") from None
+        self.sha256 = sha256_bytes(data)
+        if expected_sha256 is not None and self.sha256 != expected_sha256:
+            raise ModelLoadError(
+                f"model {path}: sha256 mismatch: file has {self.sha256[:16]}…, registry "
+                f"expects {expected_sha256[:16]}…; refusing to load a changed model file"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads(settings)
+        options.inter_op_num_threads = 1
+        # ORT logs at ERROR when CUDA is listed but cannot load; we report that ourselves.
+        options.log_severity_level = 3 if settings.require_gpu else 4
+        wanted = requested_providers(settings)
+        try:
+            self.session = ort.InferenceSession(data, sess_options=options, providers=wanted)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            first = " ".join(str(exc).split())[:300]
+            raise ModelLoadError(f"model {path} is not a loadable ONNX model: {first}") from None
+        self.providers = self.session.get_providers()
+        self.provider = self.providers[0]
+        if CUDA in wanted and self.provider != CUDA:
+            log.warning("CUDA provider requested but not active (no usable GPU or CUDA/cuDNN "
+                        "libraries); running on %s", self.provider)
+        if settings.require_gpu and self.provider != CUDA:
+            raise ProviderError(
+                f"BONEXRAY_REQUIRE_GPU is set but the active provider is {self.provider} "
+                f"(asked for {', '.join(wanted)})"
+            )
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.info: ModelInfo = parse_metadata(meta, source=f"model {path}")
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        if INPUT_NAME not in inputs or inputs[INPUT_NAME].type != "tensor(uint8)":
+            raise ModelLoadError(f"model {path}: expected a uint8 input named {INPUT_NAME!r}")
+        if OUTPUT_PROB not in outputs:
+            raise ModelLoadError(f"model {path}: expected an output named {OUTPUT_PROB!r}")
+        log.info("model %s (sha256 %s…, %s, %d px) on %s with %d intra-op threads",
+                 Path(path).name, self.sha256[:12], self.info.architecture,
+                 self.info.input_size, self.provider, options.intra_op_num_threads)
+
+    @property
+    def input_size(self) -> int:
+        return self.info.input_size
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """Abnormality probabilities, float32 [N], for uint8 pixels [N, 1, S, S]."""
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1] != 1:
+            raise ValueError(f"expected uint8 [N,1,S,S], got {pixels.dtype} {pixels.shape}")
+        (probs,) = self.session.run([OUTPUT_PROB], {INPUT_NAME: pixels})
+        return np.asarray(probs, dtype=np.float32).reshape(-1)

@@ -1,0 +1,139 @@
+"""Decode -> batch -> infer -> aggregate for a chunk of studies; pure (no broker, no SQL)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from bonexray.imaging import ImageError, load_view
+from bonexray.results import DONE, EMPTY, FAILED, BatchStat, StudyResult, StudyTask, ViewResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    batch_size: int = 16
+    decode_threads: int = 2
+    prefetch_views: int = 64
+    max_image_pixels: int = 89_478_485
+    aggregation: str | None = None  # None: the model's own (metadata), else "mean" / "max"
+
+
+def aggregate(probs: Sequence[float], how: str) -> float:
+    """Study score from its view probabilities: MURA's mean, or max."""
+    if how == "mean":
+        return float(np.mean(probs))
+    if how == "max":
+        return float(np.max(probs))
+    raise ValueError(f"unknown aggregation {how!r}; choose mean or max")
+
+
+def _decode_ahead(views: Sequence[str], decode: Callable[[str], np.ndarray],
+                  threads: int, prefetch: int) -> Iterator[tuple[int, Future[np.ndarray]]]:
+    """Yield (index, future) in order while keeping up to `prefetch` decodes in flight."""
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="decode") as pool:
+        pending: deque[tuple[int, Future[np.ndarray]]] = deque()
+        next_index = 0
+        while pending or next_index < len(views):
+            while next_index < len(views) and len(pending) < max(1, prefetch):
+                pending.append((next_index, pool.submit(decode, views[next_index])))
+                next_index += 1
+            yield pending.popleft()
+
+
+def classify_studies(
+    tasks: Sequence[StudyTask],
+    *,
+    predict: Callable[[np.ndarray], np.ndarray],
+    input_size: int,
+    resize: str,
+    threshold: float,
+    aggregation: str = "mean",
+    options: PipelineOptions | None = None,
+) -> tuple[list[StudyResult], list[BatchStat]]:
+    """Classify every study of a chunk.
+
+    Views of all studies are decoded in a thread pool that runs ahead of inference and are
+    packed into full batches across study boundaries. A view that fails to decode gets its
+    error and the study goes on with the rest; a study with no scorable view fails.
+    """
+    opts = options or PipelineOptions()
+    how = opts.aggregation or aggregation
+    flat: list[tuple[int, str]] = [(t, v) for t, task in enumerate(tasks) for v in task.views]
+    view_probs: dict[int, float] = {}
+    view_errors: dict[int, str] = {}
+    stats: list[BatchStat] = []
+
+    def decode(path: str) -> np.ndarray:
+        return load_view(path, input_size, resize, max_pixels=opts.max_image_pixels)
+
+    batch = np.empty((max(1, opts.batch_size), 1, input_size, input_size), dtype=np.uint8)
+    batch_ids: list[int] = []
+    wait_ms = 0.0
+
+    def run_batch() -> None:
+        nonlocal wait_ms
+        if not batch_ids:
+            return
+        start = time.perf_counter()
+        probs = predict(batch[: len(batch_ids)])
+        infer_ms = (time.perf_counter() - start) * 1000.0
+        if probs.shape != (len(batch_ids),) or not np.all(np.isfinite(probs)):
+            raise RuntimeError(
+                f"model returned {probs.shape} (finite: {bool(np.all(np.isfinite(probs)))}) "
+                f"for a batch of {len(batch_ids)}"
+            )
+        for i, p in zip(batch_ids, probs.tolist(), strict=True):
+            view_probs[i] = float(p)
+        stats.append(BatchStat(n_views=len(batch_ids), decode_ms=wait_ms, infer_ms=infer_ms))
+        batch_ids.clear()
+        wait_ms = 0.0
+
+    views = [path for _, path in flat]
+    for index, future in _decode_ahead(views, decode, opts.decode_threads, opts.prefetch_views):
+        start = time.perf_counter()
+        try:
+            pixels = future.result()
+        except ImageError as exc:
+            view_errors[index] = str(exc)
+            log.debug("view %d failed: %s", index, exc)
+            continue
+        finally:
+            wait_ms += (time.perf_counter() - start) * 1000.0
+        batch[len(batch_ids), 0] = pixels
+        batch_ids.append(index)
+        if len(batch_ids) == len(batch):
+            run_batch()
+    run_batch()
+
+    results: list[StudyResult] = []
+    offset = 0
+    for task in tasks:
+        view_results = []
+        for k, path in enumerate(task.views):
+            i = offset + k
+            view_results.append(ViewResult(path=path, prob=view_probs.get(i),
+                                           error=view_errors.get(i)))
+        offset += len(task.views)
+        scored = [v.prob for v in view_results if v.prob is not None]
+        if not task.views:
+            results.append(StudyResult(task.id, task.path, EMPTY, None, None, (),
+                                       "no views: the folder holds no .png/.jpg/.jpeg files"))
+        elif not scored:
+            results.append(StudyResult(
+                task.id, task.path, FAILED, None, None, tuple(view_results),
+                f"no view could be scored: all {len(task.views)} failed to decode",
+            ))
+        else:
+            score = aggregate(scored, how)
+            prediction = "abnormal" if score >= threshold else "normal"
+            results.append(StudyResult(task.id, task.path, DONE, score, prediction,
+                                       tuple(view_results)))
+    return results, stats

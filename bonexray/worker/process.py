@@ -1,0 +1,123 @@
+"""A chunk end to end: the process's cached model, the pipeline, one transaction of results."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+
+from bonexray.db import store
+from bonexray.db.models import Model
+from bonexray.db.session import session_scope
+from bonexray.results import DONE, FAILED, BatchStat, StudyTask
+from bonexray.settings import Settings
+from bonexray.worker.inference import Classifier, ModelLoadError
+from bonexray.worker.pipeline import PipelineOptions, classify_studies
+
+log = logging.getLogger(__name__)
+
+_MAX_MODELS = 2
+_lock = threading.Lock()
+_classifiers: OrderedDict[tuple[int, str, str], Classifier] = OrderedDict()
+
+
+@dataclass(frozen=True)
+class ChunkSummary:
+    studies: int
+    done: int
+    failed: int
+    views: int
+    views_failed: int
+    provider: str
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def get_classifier(model: Model, settings: Settings) -> Classifier:
+    """This process's session for a registered model, built once and sha256-checked."""
+    key = (os.getpid(), model.sha256, model.path)
+    with _lock:
+        cached = _classifiers.get(key)
+        if cached is not None:
+            _classifiers.move_to_end(key)
+            return cached
+        classifier = Classifier(model.path, settings=settings, expected_sha256=model.sha256)
+        _classifiers[key] = classifier
+        while len(_classifiers) > _MAX_MODELS:
+            _classifiers.popitem(last=False)
+        return classifier
+
+
+def pipeline_options(settings: Settings) -> PipelineOptions:
+    return PipelineOptions(
+        batch_size=settings.batch_size,
+        decode_threads=settings.decode_threads,
+        prefetch_views=settings.prefetch_views,
+        max_image_pixels=settings.max_image_pixels,
+    )
+
+
+def process_chunk(*, engine: Engine, job_id: int, model_id: int, tasks: Sequence[StudyTask],
+                  settings: Settings, worker: str | None = None) -> ChunkSummary:
+    """Classify a chunk of studies and write every study and view row in one transaction.
+
+    A model that cannot be loaded fails the chunk's studies with the reason (retrying would
+    not heal it); database errors propagate so that the caller can retry.
+    """
+    worker = worker or worker_name()
+    with session_scope(engine) as session:
+        model = session.get(Model, model_id)
+        if model is None:
+            raise ModelLoadError(f"model id {model_id} is not in the registry")
+        session.expunge(model)
+    try:
+        classifier = get_classifier(model, settings)
+    except ModelLoadError as exc:
+        with session_scope(engine) as session:
+            store.mark_failed(session=session, study_ids=[t.id for t in tasks],
+                              error=str(exc), worker=worker)
+            store.finish_job_if_done(session=session, job_id=job_id)
+        raise
+    info = classifier.info
+    results, stats = classify_studies(
+        tasks,
+        predict=classifier.predict,
+        input_size=info.input_size,
+        resize=info.resize,
+        threshold=info.threshold,
+        aggregation=info.aggregation,
+        options=pipeline_options(settings),
+    )
+    start = time.perf_counter()
+    with session_scope(engine) as session:
+        store.save_results(session=session, job_id=job_id, results=results, worker=worker)
+        write_ms = (time.perf_counter() - start) * 1000.0
+        if stats:
+            # The chunk's one write is charged to its last batch.
+            last = stats[-1]
+            stats[-1] = BatchStat(last.n_views, last.decode_ms, last.infer_ms, write_ms)
+        store.save_batch_stats(session=session, job_id=job_id, worker=worker,
+                               provider=classifier.provider, stats=stats)
+        store.finish_job_if_done(session=session, job_id=job_id)
+    views = sum(len(r.views) for r in results)
+    views_failed = sum(1 for r in results for v in r.views if v.error is not None)
+    summary = ChunkSummary(
+        studies=len(results),
+        done=sum(r.status == DONE for r in results),
+        failed=sum(r.status == FAILED for r in results),
+        views=views,
+        views_failed=views_failed,
+        provider=classifier.provider,
+    )
+    log.info("job %d: chunk of %d studies (%d views, %d failed) done on %s",
+             job_id, summary.studies, views, views_failed, summary.provider)
+    return summary
