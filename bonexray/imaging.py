@@ -76,8 +76,7 @@ def decode_gray(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             if draft_size and img.format == "JPEG" and img.mode in ("L", "RGB"):
                 img.draft("L", (draft_size, draft_size))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_uint8(img)
+            return _to_uint8(ImageOps.exif_transpose(img))
     except ImageError:
         raise
     except FileNotFoundError:
@@ -91,7 +90,9 @@ def decode_gray(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         if size == 0:
             raise ImageError("empty file (0 bytes)") from None
         raise ImageError("not a decodable image (unknown format)") from None
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # The warning arrives as an exception where the application turns warnings into
+        # errors (python -W error, pytest filterwarnings): it is the same verdict.
         raise ImageError(f"image too large: {_one_line(exc)}") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as exc:
         # Pillow reports truncated and corrupt data as OSError (and a few older decoders as

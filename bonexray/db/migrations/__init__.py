@@ -1,0 +1,1 @@
+"""Alembic migrations for the bonexray schema (a package so that they ship in the wheel)."""

@@ -1,0 +1,219 @@
+"""Reads: models by reference, jobs, a job's progress and its results as plain dicts."""
+
+from __future__ import annotations
+
+import string
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.orm import Session
+
+from bonexray.db.models import Job, Model, Study, View
+from bonexray.results import DONE, EMPTY, FAILED, QUEUED, STATUSES
+
+PREDICTIONS = ("normal", "abnormal")
+MIN_SHA_PREFIX = 8
+_MAX_ID = 2**31 - 1
+
+
+class JobNotFoundError(LookupError):
+    """No job has the id asked for."""
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _by_path(session: Session, column: Any) -> Any:
+    # Byte order on Postgres too, whatever the database's collation: the same order as
+    # SQLite and as Python's sorted().
+    if session.get_bind().dialect.name == "postgresql":
+        return column.collate("C")
+    return column
+
+
+def get_model(*, session: Session, ref: str) -> Model | None:
+    """A registered model by name, by id, or by sha256 (whole, or a unique prefix of 8+)."""
+    ref = ref.strip()
+    if not ref:
+        return None
+    model = session.scalar(select(Model).where(Model.name == ref))
+    if model is not None:
+        return model
+    if ref.isdigit() and int(ref) <= _MAX_ID:
+        model = session.get(Model, int(ref))
+        if model is not None:
+            return model
+    prefix = ref.lower()
+    if len(prefix) >= MIN_SHA_PREFIX and all(c in string.hexdigits for c in prefix):
+        matches = session.scalars(
+            select(Model).where(Model.sha256.startswith(prefix)).limit(2)
+        ).all()
+        if len(matches) == 1:
+            return matches[0]
+    return None
+
+
+def get_job(*, session: Session, job_id: int) -> Job | None:
+    """The job with this id, if any."""
+    return session.get(Job, job_id)
+
+
+def latest_job(*, session: Session) -> Job | None:
+    """The most recently created job, if any."""
+    return session.scalar(select(Job).order_by(Job.id.desc()).limit(1))
+
+
+def _status_counts(session: Session, *conditions: ColumnElement[bool]) -> dict[int, dict[str, int]]:
+    counts: dict[int, dict[str, int]] = {}
+    rows = session.execute(
+        select(Study.job_id, Study.status, func.count())
+        .where(*conditions)
+        .group_by(Study.job_id, Study.status)
+    )
+    for job_id, status, n in rows:
+        counts.setdefault(job_id, dict.fromkeys(STATUSES, 0))[status] = n
+    return counts
+
+
+def list_jobs(*, session: Session, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest jobs first, each with its model's name and its studies counted by status."""
+    rows = session.execute(
+        select(Job, Model.name)
+        .join(Model, Model.id == Job.model_id)
+        .order_by(Job.id.desc())
+        .limit(limit)
+    ).all()
+    if not rows:
+        return []
+    counts = _status_counts(session, Study.job_id.in_([job.id for job, _ in rows]))
+    jobs = []
+    for job, model_name in rows:
+        by_status = counts.get(job.id, dict.fromkeys(STATUSES, 0))
+        jobs.append({
+            "id": job.id,
+            "root": job.root,
+            "model_id": job.model_id,
+            "model": model_name,
+            "mode": job.mode,
+            "created_at": _iso(job.created_at),
+            "finished_at": _iso(job.finished_at),
+            "studies": job.n_studies,
+            "views": job.n_views,
+            **by_status,
+            "finished": by_status[QUEUED] == 0,
+        })
+    return jobs
+
+
+def job_progress(*, session: Session, job_id: int) -> dict[str, Any]:
+    """Where a job stands: studies by status, views scored and failed, throughput.
+
+    images_per_s counts scored and failed views over the time from the job's creation to
+    its last scored or failed study; None before any.
+    """
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFoundError(f"no job with id {job_id}")
+    counts = dict.fromkeys(STATUSES, 0)
+    last_by_status: dict[str, datetime | None] = {}
+    for status, n, last in session.execute(
+        select(Study.status, func.count(), func.max(Study.finished_at))
+        .where(Study.job_id == job_id)
+        .group_by(Study.status)
+    ):
+        counts[status] = n
+        last_by_status[status] = last
+    n_views, n_scored = session.execute(
+        select(func.count(View.id), func.count(View.prob))
+        .join(Study, Study.id == View.study_id)
+        .where(Study.job_id == job_id)
+    ).one()
+    n_failed = n_views - n_scored
+
+    worked = [t for s in (DONE, FAILED) if (t := last_by_status.get(s)) is not None]
+    last_worked = max(worked) if worked else None
+    images_per_s = None
+    if last_worked is not None and n_views:
+        elapsed = (last_worked - job.created_at).total_seconds()
+        if elapsed > 0:
+            images_per_s = n_views / elapsed
+
+    finished = counts[QUEUED] == 0
+    finished_at = job.finished_at
+    if finished and finished_at is None:
+        # Not yet stamped by finish_job_if_done: the last study's time, else creation.
+        ends = [t for t in last_by_status.values() if t is not None]
+        finished_at = max(ends) if ends else job.created_at
+    return {
+        "job": job.id,
+        "studies": sum(counts.values()),
+        QUEUED: counts[QUEUED],
+        DONE: counts[DONE],
+        FAILED: counts[FAILED],
+        EMPTY: counts[EMPTY],
+        "views": job.n_views,
+        "views_scored": n_scored,
+        "views_failed": n_failed,
+        "finished": finished,
+        "started": _iso(job.created_at),
+        "finished_at": _iso(finished_at),
+        "images_per_s": images_per_s,
+    }
+
+
+def job_results(*, session: Session, job_id: int, body_part: str | None = None,
+                prediction: str | None = None, status: str | None = None,
+                limit: int | None = None) -> list[dict[str, Any]]:
+    """A job's studies with their views, by study path (views by path), optionally filtered.
+
+    Two queries however many studies: the studies, then the views of those studies.
+    """
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTIONS)}")
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+    conditions: list[ColumnElement[bool]] = [Study.job_id == job_id]
+    if body_part is not None:
+        conditions.append(func.lower(Study.body_part) == body_part.lower())
+    if prediction is not None:
+        conditions.append(Study.prediction == prediction)
+    if status is not None:
+        conditions.append(Study.status == status)
+
+    studies = session.execute(
+        select(Study.id, Study.path, Study.body_part, Study.label, Study.score,
+               Study.prediction, Study.status, Study.error)
+        .where(*conditions)
+        .order_by(_by_path(session, Study.path))
+        .limit(limit)
+    ).all()
+    if not studies:
+        return []
+
+    # The same selection as a subquery, not a list of ids: no bound-parameter limit.
+    chosen = select(Study.id).where(*conditions)
+    if limit is not None:
+        chosen = chosen.order_by(_by_path(session, Study.path)).limit(limit)
+    views: dict[int, list[dict[str, Any]]] = {}
+    for study_id, path, prob, error in session.execute(
+        select(View.study_id, View.path, View.prob, View.error)
+        .where(View.study_id.in_(chosen))
+        .order_by(View.study_id, _by_path(session, View.path))
+    ):
+        views.setdefault(study_id, []).append({"path": path, "prob": prob, "error": error})
+
+    return [
+        {
+            "study": s.path,
+            "body_part": s.body_part,
+            "label": s.label,
+            "score": s.score,
+            "prediction": s.prediction,
+            "status": s.status,
+            "error": s.error,
+            "views": views.get(s.id, []),
+        }
+        for s in studies
+    ]

@@ -1,0 +1,221 @@
+"""Writes: register models, create jobs, save results as idempotent upserts, finish jobs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+from sqlalchemy import Table, bindparam, exists, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from bonexray.db.models import BatchStat as BatchStatRow
+from bonexray.db.models import Job, Model, Study, View, utcnow
+from bonexray.results import EMPTY, FAILED, QUEUED, BatchStat, StudyResult
+from bonexray.studies import Study as FoundStudy
+
+log = logging.getLogger(__name__)
+
+EMPTY_STUDY_ERROR = "no views: the folder holds no .png/.jpg/.jpeg files"
+
+# Core tables for the executemany statements (bound parameters per row, upserts).
+_STUDIES = cast(Table, Study.__table__)
+_VIEWS = cast(Table, View.__table__)
+
+
+class ModelNameError(ValueError):
+    """A model name asked for explicitly is already taken by a different model file."""
+
+
+def _free_name(session: Session, stem: str) -> str:
+    taken = set(session.scalars(
+        select(Model.name).where((Model.name == stem) | Model.name.startswith(f"{stem}-"))
+    ))
+    if stem not in taken:
+        return stem
+    n = 2
+    while f"{stem}-{n}" in taken:
+        n += 1
+    return f"{stem}-{n}"
+
+
+def register_model(*, session: Session, path: str, sha256: str, meta: dict[str, Any],
+                   name: str | None = None) -> Model:
+    """The model row for this file's sha256, made if new; a moved file updates its path.
+
+    Without `name` the file's stem is used, suffixed (-2, -3, ...) if another file has it.
+    """
+    sha256 = sha256.lower()
+    model = session.scalar(select(Model).where(Model.sha256 == sha256))
+    if model is not None:
+        if model.path != path:
+            log.info("model %s moved: %s -> %s", model.name, model.path, path)
+            model.path = path
+            session.flush()
+        return model
+    if name is None:
+        name = _free_name(session, Path(path).stem)
+    else:
+        other = session.scalar(select(Model.sha256).where(Model.name == name))
+        if other is not None:
+            raise ModelNameError(
+                f"model name {name!r} is taken by another file (sha256 {other[:12]}...)"
+            )
+    model = Model(name=name, sha256=sha256, path=path, meta=dict(meta), created_at=utcnow())
+    session.add(model)
+    session.flush()
+    return model
+
+
+def create_job(*, session: Session, root: str, model_id: int, studies: Sequence[FoundStudy],
+               mode: str, options: dict[str, Any]) -> Job:
+    """A new job with one row per study: queued, or empty (and finished) without views."""
+    now = utcnow()
+    job = Job(root=root, model_id=model_id, mode=mode, options=dict(options),
+              n_studies=len(studies), n_views=sum(len(s.views) for s in studies),
+              created_at=now, finished_at=None)
+    session.add(job)
+    session.flush()
+    rows = [
+        {
+            "job_id": job.id,
+            "path": s.path,
+            "body_part": s.body_part,
+            "patient": s.patient,
+            "label": s.label,
+            "n_views": len(s.views),
+            "status": EMPTY if s.is_empty else QUEUED,
+            "error": EMPTY_STUDY_ERROR if s.is_empty else None,
+            "attempts": 0,
+            "finished_at": now if s.is_empty else None,
+        }
+        for s in studies
+    ]
+    if rows:
+        # One executemany (batched multi-row VALUES), not an ORM unit of work per study.
+        session.execute(insert(Study), rows)
+    return job
+
+
+def queued_studies(*, session: Session, job_id: int) -> list[tuple[int, str]]:
+    """(id, path) of the job's studies still waiting for a result, by id."""
+    rows = session.execute(
+        select(Study.id, Study.path)
+        .where(Study.job_id == job_id, Study.status == QUEUED)
+        .order_by(Study.id)
+    )
+    return [(row.id, row.path) for row in rows]
+
+
+def _upsert_views(session: Session, rows: list[dict[str, Any]]) -> None:
+    table = _VIEWS
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        stmt: Any = postgresql.insert(table)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(table)
+    else:
+        raise NotImplementedError(f"view upserts are written for postgresql and sqlite, "
+                                  f"not {dialect}")
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[table.c.study_id, table.c.path],
+        set_={"prob": stmt.excluded.prob, "error": stmt.excluded.error},
+    )
+    session.execute(stmt, rows)
+
+
+def save_results(*, session: Session, job_id: int, results: Sequence[StudyResult],
+                 worker: str) -> None:
+    """Write study results and their views; saving the same results again changes nothing
+    but the studies' attempt count and finish time.
+
+    Bulk statements: Study objects already loaded in `session` are not refreshed.
+    """
+    if not results:
+        return
+    now = utcnow()
+    table = _STUDIES
+    stmt = (
+        update(table)
+        .where(table.c.id == bindparam("b_id"), table.c.job_id == job_id)
+        .values(
+            status=bindparam("b_status"),
+            score=bindparam("b_score"),
+            prediction=bindparam("b_prediction"),
+            error=bindparam("b_error"),
+            worker=worker,
+            finished_at=now,
+            attempts=table.c.attempts + 1,
+        )
+    )
+    study_rows = [
+        {"b_id": r.study_id, "b_status": r.status, "b_score": r.score,
+         "b_prediction": r.prediction, "b_error": r.error}
+        for r in sorted(results, key=lambda r: r.study_id)
+    ]
+    session.execute(stmt, study_rows)
+    # Keyed by (study, path), last result wins: one statement must not touch a row twice.
+    views: dict[tuple[int, str], dict[str, Any]] = {}
+    for r in results:
+        for v in r.views:
+            views[(r.study_id, v.path)] = {"study_id": r.study_id, "path": v.path,
+                                           "prob": v.prob, "error": v.error}
+    if views:
+        _upsert_views(session, [views[k] for k in sorted(views)])
+
+
+def mark_failed(*, session: Session, study_ids: Sequence[int], error: str,
+                worker: str) -> None:
+    """Fail the studies among `study_ids` still queued, with `error` (results stay as they are)."""
+    if not study_ids:
+        return
+    session.execute(
+        update(Study)
+        .where(Study.id.in_(list(study_ids)), Study.status == QUEUED)
+        .values(status=FAILED, error=error, worker=worker, finished_at=utcnow(),
+                attempts=Study.attempts + 1)
+    )
+
+
+def save_batch_stats(*, session: Session, job_id: int, worker: str, provider: str,
+                     stats: Sequence[BatchStat]) -> None:
+    """Record the timing of each inference batch."""
+    if not stats:
+        return
+    now = utcnow()
+    session.execute(insert(BatchStatRow), [
+        {"job_id": job_id, "worker": worker, "provider": provider, "n_views": s.n_views,
+         "decode_ms": s.decode_ms, "infer_ms": s.infer_ms, "write_ms": s.write_ms,
+         "created_at": now}
+        for s in stats
+    ])
+
+
+def finish_job_if_done(*, session: Session, job_id: int) -> bool:
+    """Set the job's finish time once no study is queued; True when the job is finished.
+
+    The finish time is the last study's, so calling this late does not move it.
+    """
+    # Lock the job row: two workers finishing the last chunks in parallel transactions
+    # then check one after the other, and the second sees the first's committed studies.
+    job = session.execute(
+        select(Job.id, Job.finished_at).where(Job.id == job_id).with_for_update()
+    ).one_or_none()
+    if job is None:
+        return False
+    if job.finished_at is not None:
+        return True
+    pending = session.scalar(
+        select(exists().where(Study.job_id == job_id, Study.status == QUEUED))
+    )
+    if pending:
+        return False
+    last = session.scalar(select(func.max(Study.finished_at)).where(Study.job_id == job_id))
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.finished_at.is_(None))
+        .values(finished_at=last or utcnow())
+    )
+    return True

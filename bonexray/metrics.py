@@ -1,0 +1,172 @@
+"""Classification metrics for studies and views: AUROC, kappa, F1, sens/spec, per group."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import numpy as np
+
+AGGREGATIONS = ("mean", "max")
+
+
+def _arrays(labels: Sequence[Any] | np.ndarray,
+            scores: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"{y.size} labels but {s.size} scores")
+    if np.isnan(s).any():
+        raise ValueError(f"{int(np.isnan(s).sum())} of {s.size} scores are NaN")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0 or 1")
+    return y.astype(np.int64), s
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given the mean of the ranks they span."""
+    order = np.argsort(values, kind="mergesort")
+    sorted_vals = values[order]
+    # Boundaries of runs of equal values.
+    starts = np.flatnonzero(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]])
+    ends = np.r_[starts[1:], sorted_vals.size]
+    avg = (starts + ends + 1) / 2.0  # mean of ranks starts+1 .. ends
+    ranks_sorted = np.repeat(avg, ends - starts)
+    ranks = np.empty_like(ranks_sorted)
+    ranks[order] = ranks_sorted
+    return ranks
+
+
+def auroc(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] | np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U; ties count one half).
+
+    NaN when only one class is present; ValueError on NaN scores.
+    """
+    y, s = _arrays(labels, scores)
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = _average_ranks(s)
+    u = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def _div(num: float, den: float) -> float:
+    return float(num / den) if den else float("nan")
+
+
+def binary_metrics(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] | np.ndarray,
+                   threshold: float = 0.5) -> dict[str, float | int]:
+    """n, positives, accuracy, F1, Cohen's kappa, AUROC, sensitivity, specificity.
+
+    A score >= threshold predicts abnormal (1). Undefined figures are NaN.
+    """
+    y, s = _arrays(labels, scores)
+    pred = (s >= threshold).astype(np.int64)
+    n = int(y.size)
+    tp = int(((pred == 1) & (y == 1)).sum())
+    tn = int(((pred == 0) & (y == 0)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+    accuracy = _div(tp + tn, n)
+    # Cohen's kappa: agreement beyond what the two marginals give by chance.
+    if n:
+        p_chance = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / (n * n)
+        kappa = _div(accuracy - p_chance, 1.0 - p_chance)  # NaN when chance is 1, as sklearn
+    else:
+        kappa = float("nan")
+    return {
+        "n": n,
+        "positives": int(tp + fn),
+        "accuracy": accuracy,
+        "f1": _div(2 * tp, 2 * tp + fp + fn),
+        "kappa": kappa,
+        "auroc": auroc(y, s) if n else float("nan"),
+        "sensitivity": _div(tp, tp + fn),
+        "specificity": _div(tn, tn + fp),
+    }
+
+
+def study_scores(view_study_ids: Sequence[Hashable], view_probs: Sequence[float] | np.ndarray,
+                 how: str = "mean") -> dict[Hashable, float]:
+    """Study score from its views' probabilities: mean (as in MURA) or max."""
+    if how not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {how!r}; choose one of {', '.join(AGGREGATIONS)}")
+    probs = np.asarray(view_probs, dtype=np.float64).ravel()
+    if len(view_study_ids) != probs.size:
+        raise ValueError(f"{len(view_study_ids)} study ids but {probs.size} view probabilities")
+    grouped: dict[Hashable, list[float]] = {}
+    for sid, p in zip(view_study_ids, probs.tolist(), strict=True):
+        grouped.setdefault(sid, []).append(p)
+    reduce = (lambda v: sum(v) / len(v)) if how == "mean" else max
+    return {sid: float(reduce(v)) for sid, v in grouped.items()}
+
+
+def metrics_by_group(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] | np.ndarray,
+                     groups: Sequence[Hashable], threshold: float = 0.5) -> dict[str, Any]:
+    """binary_metrics overall and for each group (e.g. body part), groups sorted by name."""
+    y, s = _arrays(labels, scores)
+    if len(groups) != y.size:
+        raise ValueError(f"{len(groups)} groups but {y.size} labels")
+    g = np.asarray([str(x) for x in groups], dtype=object)
+    by_group = {
+        name: binary_metrics(y[g == name], s[g == name], threshold)
+        for name in sorted(set(g.tolist()))
+    }
+    return {"overall": binary_metrics(y, s, threshold), "by_group": by_group}
+
+
+def choose_threshold(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] | np.ndarray,
+                     rule: str = "0.5") -> float:
+    """A decision threshold by rule: a number ("0.5"), "youden" (max sens + spec - 1) or
+    "sensitivity=X" (the highest threshold whose sensitivity is at least X)."""
+    rule = rule.strip().lower()
+    try:
+        value = float(rule)
+    except ValueError:
+        value = None
+    if value is not None:
+        if not 0.0 <= value <= 1.0 or math.isnan(value):
+            raise ValueError(f"threshold {value} outside 0..1")
+        return value
+    y, s = _arrays(labels, scores)
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0 or (rule == "youden" and n_neg == 0):
+        raise ValueError(
+            f"rule {rule!r} needs both classes; got {n_pos} positives, {n_neg} negatives"
+        )
+    # Candidate thresholds: every distinct score, descending ("score >= t" is positive).
+    candidates = np.unique(s)[::-1]
+    sens = np.array([(s[y == 1] >= t).sum() / n_pos for t in candidates])
+    if rule == "youden":
+        spec = np.array([(s[y == 0] < t).sum() / n_neg for t in candidates])
+        j = sens + spec - 1.0
+        return float(candidates[int(np.argmax(j))])  # first max = highest threshold
+    if rule.startswith("sensitivity="):
+        try:
+            target = float(rule.split("=", 1)[1])
+        except ValueError:
+            raise ValueError(f"bad sensitivity target in {rule!r}") from None
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"sensitivity target {target} outside (0, 1]")
+        ok = np.flatnonzero(sens >= target - 1e-12)
+        return float(candidates[int(ok[0])])  # sens reaches 1 at the lowest score
+    raise ValueError(
+        f"unknown threshold rule {rule!r}; use a number in 0..1, 'youden' or 'sensitivity=X'"
+    )
+
+
+def json_safe(value: Any) -> Any:
+    """A copy with NaN/inf floats as None and tuples as lists, for strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value

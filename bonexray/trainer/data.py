@@ -1,0 +1,123 @@
+"""Views of labelled studies as a torch Dataset, with MURA's flip + rotation augmentation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from bonexray.imaging import DEFAULT_MAX_PIXELS, DEFAULT_RESIZE, ImageError, load_view
+from bonexray.studies import Study
+
+log = logging.getLogger(__name__)
+
+# Study index returned for a view that failed to decode; collate_views drops it.
+FAILED = -1
+
+
+class TrainAugment:
+    """Random horizontal flip and rotation up to +-degrees, on uint8 [1,S,S] tensors."""
+
+    def __init__(self, rotation: float = 30.0, flip: bool = True) -> None:
+        steps: list[v2.Transform] = []
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+        if rotation > 0:
+            steps.append(v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR,
+                                           fill=0))
+        self.transform = v2.Compose(steps) if steps else None
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.transform(pixels) if self.transform is not None else pixels
+
+
+def check_header(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
+    """Why a view cannot be an image, from its header only (cheap), or None when it may be."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except FileNotFoundError:
+        return "file not found"
+    except UnidentifiedImageError:
+        return "not a decodable image"
+    except Image.DecompressionBombError:
+        return "image too large"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"unreadable: {exc}"
+    if w * h > max_pixels or w < 1 or h < 1:
+        return f"unusable size {w}x{h}"
+    return None
+
+
+class ViewDataset(Dataset[tuple[torch.Tensor, float, int]]):
+    """Every view of the given labelled studies: (uint8 [1,S,S], label, study index).
+
+    Views whose header is unusable (missing, empty, not an image, too large) are dropped
+    at build with one warning; a view that fails at full decode (truncated, corrupt data)
+    yields study index FAILED, which `collate_views` drops, so training goes on.
+    """
+
+    def __init__(self, studies: Sequence[Study], *, image_size: int,
+                 resize: str = DEFAULT_RESIZE, augment: TrainAugment | None = None,
+                 check: bool = True) -> None:
+        unlabelled = [s.path for s in studies if s.label is None]
+        if unlabelled:
+            raise ValueError(
+                f"{len(unlabelled)} studies have no label (e.g. {unlabelled[0]}); "
+                "name folders *_positive / *_negative or add MURA CSVs"
+            )
+        self.studies = list(studies)
+        self.image_size = image_size
+        self.resize = resize
+        self.augment = augment
+        self.items: list[tuple[str, int]] = []
+        dropped: list[tuple[str, str]] = []
+        for index, study in enumerate(self.studies):
+            for view in study.views:
+                reason = check_header(view) if check else None
+                if reason is None:
+                    self.items.append((view, index))
+                else:
+                    dropped.append((view, reason))
+        if dropped:
+            log.warning("dropped %d of %d views that cannot be read (e.g. %s: %s)",
+                        len(dropped), len(dropped) + len(self.items), *dropped[0])
+        self.dropped = dropped
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def labels(self) -> list[int]:
+        """The label of every item, in order (for class weights)."""
+        return [int(self.studies[i].label or 0) for _, i in self.items]
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, float, int]:
+        path, index = self.items[item]
+        try:
+            pixels = load_view(path, self.image_size, self.resize)
+        except ImageError as exc:
+            log.warning("view skipped: %s: %s", path, exc)
+            return torch.zeros(1, self.image_size, self.image_size, dtype=torch.uint8), \
+                float("nan"), FAILED
+        tensor = torch.from_numpy(pixels).unsqueeze(0)
+        if self.augment is not None:
+            tensor = self.augment(tensor)
+        return tensor, float(self.studies[index].label or 0), index
+
+
+def collate_views(
+    batch: list[tuple[torch.Tensor, float, int]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack a batch, dropping views that failed to decode (possibly to an empty batch)."""
+    kept = [b for b in batch if b[2] != FAILED]
+    if not kept:
+        size = batch[0][0].shape[-1] if batch else 0
+        return (torch.zeros(0, 1, size, size, dtype=torch.uint8), torch.zeros(0),
+                torch.zeros(0, dtype=torch.long))
+    return (torch.stack([b[0] for b in kept]),
+            torch.tensor([b[1] for b in kept], dtype=torch.float32),
+            torch.tensor([b[2] for b in kept], dtype=torch.long))
