@@ -24,6 +24,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 _USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, RuntimeError, OSError)
 
 
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    # Broker errors are user-facing too (wrong URL, Redis down); kombu is only imported by
+    # the commands that talk to a broker, so only look for it once it is loaded.
+    if "kombu.exceptions" in sys.modules:
+        return (*_USER_ERRORS, sys.modules["kombu.exceptions"].KombuError)
+    return _USER_ERRORS
+
+
 def _stderr_console() -> Any:
     from rich.console import Console
 
@@ -72,7 +80,9 @@ def user_errors(func: F) -> F:
             return func(*args, **kwargs)
         except click.exceptions.Exit:
             raise
-        except _USER_ERRORS as exc:
+        except Exception as exc:
+            if not isinstance(exc, _user_error_types()):
+                raise
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("traceback", exc_info=True)
             message = " ".join(str(exc).split()) or type(exc).__name__
@@ -138,9 +148,11 @@ def synth(out: str, studies: int, seed: int, image_size: int, valid_fraction: fl
 @click.option("--workers", default=2, show_default=True, help="DataLoader workers.")
 @click.option("--max-steps", type=int, default=None, help="Cap on steps per epoch (quick runs).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr: float | None,
-          weights: str, seed: int, workers: int, max_steps: int | None, device: str) -> None:
+          weights: str, seed: int, workers: int, max_steps: int | None, device: str,
+          as_json: bool) -> None:
     """Train DenseNet-169 on MURA-layout data; writes OUT/best.pt, last.pt, history.json."""
     from bonexray.trainer.train import TrainConfig
     from bonexray.trainer.train import train as run_training
@@ -151,7 +163,18 @@ def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr
         max_steps=max_steps, device=device,
     )
     summary = run_training(config)
-    click.echo(json.dumps(summary, default=str))
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+        return
+    best = summary.get("best_metrics") or {}
+    click.echo(f"best epoch {summary['best_epoch']}: valid AUROC {_fmt(best.get('auroc'))}, "
+               f"kappa {_fmt(best.get('kappa'))}, accuracy {_fmt(best.get('accuracy'))}, "
+               f"F1 {_fmt(best.get('f1'))} on {best.get('n')} studies; "
+               f"checkpoint {summary['best']}")
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 @cli.command()
@@ -160,13 +183,22 @@ def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr
 @click.option("--opset", default=17, show_default=True)
 @click.option("--atol", default=1e-4, show_default=True,
               help="Parity tolerance on probabilities against PyTorch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
-def export(checkpoint: str, out: str, opset: int, atol: float) -> None:
+def export(checkpoint: str, out: str, opset: int, atol: float, as_json: bool) -> None:
     """Export a checkpoint to ONNX (uint8 input, metadata), gated by parity with PyTorch."""
     from bonexray.export.onnx import export_model
 
     report = export_model(checkpoint, out, opset=opset, atol=atol)
-    click.echo(json.dumps(report, default=str))
+    if as_json:
+        click.echo(json.dumps(report, default=str))
+        return
+    worst = max(p["max_abs_diff"] for p in report["parity"])
+    meta = report["metadata"]
+    click.echo(f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, sha256 "
+               f"{report['sha256'][:12]}…): {meta['architecture']}, {meta['input_size']} px, "
+               f"threshold {meta['threshold']}; parity max |diff| {worst:.1e} <= atol {atol:g} "
+               f"at batch {', '.join(str(p['batch']) for p in report['parity'])}")
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -228,10 +260,11 @@ def run(folder: str, model_ref: str, database_url: str | None, as_json: bool,
 def enqueue(folder: str, model_ref: str, database_url: str | None, broker_url: str | None,
             as_json: bool, chunk_size: int | None) -> None:
     """Register a job for every study under FOLDER and send its chunks to the workers."""
-    from bonexray.jobs import prepare_job, resolve_model, send_job
+    from bonexray.jobs import check_broker, prepare_job, resolve_model, send_job
 
     _apply_overrides(database_url=database_url, broker_url=broker_url, chunk_size=chunk_size)
     settings = get_settings()
+    check_broker(settings)
     engine = _engine()
     model = resolve_model(engine=engine, ref=model_ref)
     job = prepare_job(engine=engine, root=folder, model=model, mode="celery",
@@ -382,7 +415,7 @@ def _job_id(engine: Any, job: int | None) -> int:
 def results(job: int | None, database_url: str | None, fmt: str, body_part: str | None,
             prediction: str | None, study_status: str | None, limit: int | None) -> None:
     """Study results of a job (the latest when JOB is omitted)."""
-    from bonexray.db.query import job_results
+    from bonexray.db.query import get_job, job_results
     from bonexray.db.session import session_scope
 
     _apply_overrides(database_url=database_url)
@@ -403,24 +436,27 @@ def results(job: int | None, database_url: str | None, fmt: str, body_part: str 
                              len(r["views"]), sum(v["error"] is not None for v in r["views"]),
                              r["error"] or ""])
     else:
-        _print_table(job_id, rows)
+        with session_scope(engine) as session:
+            job_row = get_job(session=session, job_id=job_id)
+            root = job_row.root if job_row is not None else "/"
+        _print_table(job_id, root, rows)
 
 
 def _blank(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _print_table(job_id: int, rows: list[dict[str, Any]]) -> None:
+def _print_table(job_id: int, root: str, rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"job {job_id}: {len(rows)} studies")
+    table = Table(title=f"job {job_id}: {len(rows)} studies under {root}")
     for name in ("study", "part", "label", "score", "prediction", "status", "views", "error"):
         table.add_column(name, overflow="fold")
     for r in rows:
         failed = sum(v["error"] is not None for v in r["views"])
         views = f"{len(r['views'])}" + (f" ({failed} failed)" if failed else "")
-        table.add_row(r["study"], r["body_part"] or "", _text(r["label"]),
+        table.add_row(os.path.relpath(r["study"], root), r["body_part"] or "", _text(r["label"]),
                       "" if r["score"] is None else f"{r['score']:.3f}",
                       r["prediction"] or "", r["status"], views, r["error"] or "")
     Console().print(table)

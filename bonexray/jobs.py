@@ -131,6 +131,34 @@ def run_embedded(*, engine: Engine, job: PreparedJob, settings: Settings,
         store.finish_job_if_done(session=session, job_id=job.job_id)
 
 
+class BrokerError(RuntimeError):
+    """The broker cannot be reached."""
+
+
+def check_broker(settings: Settings) -> None:
+    """Fail fast, before a job is registered, when the broker is not reachable."""
+    from bonexray.worker.app import create_app
+
+    app = create_app(settings)
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5)
+    except Exception as exc:  # kombu wraps every transport error differently
+        raise BrokerError(f"broker {mask_url(settings.broker_url)} unreachable: "
+                          f"{' '.join(str(exc).split())[:200]}") from None
+
+
+def mask_url(url: str) -> str:
+    """A URL with its password replaced, fit for logs and messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def send_job(*, job: PreparedJob, settings: Settings, progress: Progress | None = None) -> int:
     """Send the job's chunks to the broker; returns the number of messages sent."""
     from bonexray.worker.app import TASK_CLASSIFY, create_app

@@ -41,10 +41,10 @@ def data(tmp_path_factory) -> Path:
 def model(data: Path) -> Path:
     run_dir = data.parent / "run"
     bonexray("train", str(data), "--out", str(run_dir), "--epochs", "1", "--image-size", "64",
-             "--batch-size", "8", "--max-steps", "2", "--workers", "0")
+             "--batch-size", "8", "--max-steps", "2", "--workers", "0", "--json")
     assert (run_dir / "best.pt").is_file()
     onnx_path = data.parent / "model.onnx"
-    out = bonexray("export", str(run_dir / "best.pt"), "--out", str(onnx_path))
+    out = bonexray("export", str(run_dir / "best.pt"), "--out", str(onnx_path), "--json")
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report  # the export prints its metadata and parity figures
     assert onnx_path.is_file() and not Path(str(onnx_path) + ".data").exists()

@@ -65,11 +65,17 @@ def requested_providers(settings: Settings) -> list[str]:
                 f"known: {', '.join(ort.get_all_providers())}"
             )
         return names
-    # onnxruntime-gpu lists CUDA as available even where its libraries cannot load;
-    # we ask for it and then trust only session.get_providers().
-    if CUDA in ort.get_available_providers():
+    # onnxruntime-gpu lists CUDA as available even where no GPU or CUDA library exists; we
+    # ask for it only where an NVIDIA device is present, and then trust only
+    # session.get_providers() (its own log says why CUDA failed to load, if it did).
+    if CUDA in ort.get_available_providers() and nvidia_device_present():
         return [CUDA, CPU]
     return [CPU]
+
+
+def nvidia_device_present() -> bool:
+    """True where the NVIDIA driver exposes a device (also inside a GPU container)."""
+    return any(os.path.exists(p) for p in ("/dev/nvidia0", "/proc/driver/nvidia/version"))
 
 
 class Classifier:
@@ -92,8 +98,6 @@ class Classifier:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads(settings)
         options.inter_op_num_threads = 1
-        # ORT logs at ERROR when CUDA is listed but cannot load; we report that ourselves.
-        options.log_severity_level = 3 if settings.require_gpu else 4
         wanted = requested_providers(settings)
         try:
             self.session = ort.InferenceSession(data, sess_options=options, providers=wanted)
@@ -103,8 +107,10 @@ class Classifier:
         self.providers = self.session.get_providers()
         self.provider = self.providers[0]
         if CUDA in wanted and self.provider != CUDA:
-            log.warning("CUDA provider requested but not active (no usable GPU or CUDA/cuDNN "
-                        "libraries); running on %s", self.provider)
+            log.warning("CUDA provider requested but not active (see onnxruntime's message "
+                        "on the CUDA/cuDNN libraries above); running on %s", self.provider)
+        elif CUDA not in wanted and settings.providers.strip().lower() == "auto":
+            log.info("no NVIDIA GPU found on this machine; running on %s", self.provider)
         if settings.require_gpu and self.provider != CUDA:
             raise ProviderError(
                 f"BONEXRAY_REQUIRE_GPU is set but the active provider is {self.provider} "

@@ -1,0 +1,43 @@
+"""Settings: one object from BONEXRAY_* variables, typed, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bonexray.settings import Settings, SettingsError, load_settings, resolve_database_url
+
+
+def test_defaults_run_embedded(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = load_settings({})
+    assert s.database_url == f"sqlite:///{tmp_path / 'bonexray.db'}"
+    assert s.broker_url == "redis://127.0.0.1:6379/0"
+    assert s.chunk_size == 16 and s.require_gpu is False
+
+
+def test_environment_overrides_with_types():
+    s = load_settings({"BONEXRAY_CHUNK_SIZE": "4", "BONEXRAY_REQUIRE_GPU": "1",
+                       "BONEXRAY_DATABASE_URL": "postgresql+psycopg://u@h/db",
+                       "BONEXRAY_VISIBILITY_TIMEOUT": "120", "UNRELATED": "x"})
+    assert s.chunk_size == 4 and s.require_gpu is True and s.visibility_timeout == 120
+    assert s.database_url == "postgresql+psycopg://u@h/db"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"BONEXRAY_CHUNK_SIZE": "many"}, "BONEXRAY_CHUNK_SIZE='many' is not an integer"),
+    ({"BONEXRAY_REQUIRE_GPU": "maybe"}, "BONEXRAY_REQUIRE_GPU='maybe' is not a boolean"),
+])
+def test_bad_values_name_the_variable(env, message):
+    with pytest.raises(SettingsError, match=message):
+        load_settings(env)
+
+
+def test_sqlite_paths_become_absolute_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_database_url("sqlite:///x/r.db") == f"sqlite:///{Path(tmp_path) / 'x/r.db'}"
+    assert resolve_database_url("sqlite:////abs/r.db") == "sqlite:////abs/r.db"
+    assert resolve_database_url("sqlite:///:memory:") == "sqlite:///:memory:"
+    assert resolve_database_url("postgresql+psycopg://h/db") == "postgresql+psycopg://h/db"
+    assert Settings().replace(chunk_size=3).chunk_size == 3

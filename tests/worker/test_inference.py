@@ -1,0 +1,90 @@
+"""The ORT classifier: contract checks, sha256 gate, providers and threads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from bonexray.export.cheap import write_cheap_model
+from bonexray.settings import Settings
+from bonexray.worker import inference
+from bonexray.worker.inference import (
+    CPU,
+    CUDA,
+    Classifier,
+    ModelLoadError,
+    ProviderError,
+    intra_op_threads,
+    requested_providers,
+    sha256_file,
+)
+
+
+@pytest.fixture
+def cheap(tmp_path: Path) -> str:
+    return write_cheap_model(tmp_path / "cheap.onnx", image_size=32, threshold=0.4)
+
+
+def test_classifier_reads_metadata_and_predicts_any_batch(cheap):
+    clf = Classifier(cheap, settings=Settings())
+    assert clf.info.input_size == 32 and clf.info.threshold == pytest.approx(0.4)
+    assert clf.provider == CPU  # no GPU on this machine: the session says so
+    for n in (1, 5):
+        pixels = np.full((n, 1, 32, 32), 255, dtype=np.uint8)
+        probs = clf.predict(pixels)
+        assert probs.shape == (n,) and probs.dtype == np.float32
+        assert np.allclose(probs, 1 / (1 + np.exp(-5.0)), atol=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        clf.predict(np.zeros((1, 3, 32, 32), dtype=np.float32))
+
+
+def test_sha256_mismatch_is_refused(cheap):
+    good = sha256_file(cheap)
+    Classifier(cheap, settings=Settings(), expected_sha256=good)
+    with pytest.raises(ModelLoadError, match="sha256 mismatch"):
+        Classifier(cheap, settings=Settings(), expected_sha256="0" * 64)
+
+
+def test_model_without_metadata_is_refused(cheap, tmp_path):
+    model = onnx.load(cheap)
+    del model.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(model, str(bare))
+    with pytest.raises(ModelLoadError, match="lacks bonexray metadata"):
+        Classifier(bare, settings=Settings())
+
+
+def test_not_a_model_and_missing_file(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf at all")
+    with pytest.raises(ModelLoadError, match="not a loadable ONNX model"):
+        Classifier(junk, settings=Settings())
+    with pytest.raises(ModelLoadError, match="cannot read model"):
+        Classifier(tmp_path / "missing.onnx", settings=Settings())
+
+
+def test_provider_fallback_is_judged_by_the_session(cheap, monkeypatch):
+    # Pretend an NVIDIA device exists: CUDA is asked for, cannot load here, and the
+    # classifier reports the provider the session really uses.
+    monkeypatch.setattr(inference, "nvidia_device_present", lambda: True)
+    assert requested_providers(Settings())[0] == CUDA
+    clf = Classifier(cheap, settings=Settings())
+    assert clf.provider == CPU
+    with pytest.raises(ProviderError, match="REQUIRE_GPU"):
+        Classifier(cheap, settings=Settings(require_gpu=True))
+
+
+def test_explicit_providers_and_unknown_names(cheap):
+    assert requested_providers(Settings(providers="CPUExecutionProvider")) == [CPU]
+    with pytest.raises(ProviderError, match="unknown onnxruntime provider"):
+        requested_providers(Settings(providers="TPUExecutionProvider"))
+
+
+def test_intra_op_threads_split_cores_among_processes(monkeypatch):
+    monkeypatch.setattr(inference, "available_cores", lambda: 16)
+    assert intra_op_threads(Settings(worker_processes=4)) == 4
+    assert intra_op_threads(Settings(worker_processes=32)) == 1
+    assert intra_op_threads(Settings(intra_op_threads=3, worker_processes=4)) == 3
