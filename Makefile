@@ -25,11 +25,11 @@ demo: install
 	$(BIN)/bonexray results --db sqlite:///$(DEMO)/bonexray.db --limit 20
 
 test: install
-	$(BIN)/ruff check bonexray tests benchmarks
+	$(BIN)/ruff check bonexray tests
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check bonexray tests benchmarks
+	$(BIN)/ruff check bonexray tests
 	$(BIN)/mypy bonexray
 
 clean-demo:
