@@ -10,7 +10,7 @@ DEMO ?= demo
 $(BIN)/bonexray: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[train,dev]'
+	$(BIN)/pip install --quiet -e '.[train,report,dev]'
 	touch $@
 
 install: $(BIN)/bonexray
@@ -25,11 +25,11 @@ demo: install
 	$(BIN)/bonexray results --db sqlite:///$(DEMO)/bonexray.db --limit 20
 
 test: install
-	$(BIN)/ruff check bonexray tests
+	$(BIN)/ruff check bonexray tests benchmarks
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check bonexray tests
+	$(BIN)/ruff check bonexray tests benchmarks
 	$(BIN)/mypy bonexray
 
 clean-demo:

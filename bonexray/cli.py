@@ -130,6 +130,47 @@ def synth(out: str, studies: int, seed: int, image_size: int, valid_fraction: fl
                f"abnormal; {summary.by_split}) to {summary.root}")
 
 
+@cli.group("import")
+def import_() -> None:
+    """Turn public datasets into the MURA layout (train/valid, one folder per study)."""
+
+
+@import_.command("fracatlas")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True, help="Seed of the train/valid split.")
+@click.option("--valid-fraction", default=0.2, show_default=True,
+              help="Share of each (body part, label) stratum held out for validation.")
+@click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy",
+              show_default=True, help="How images reach OUT.")
+@click.option("--conflicts", type=click.Choice(["skip", "csv", "folder"]), default="skip",
+              show_default=True,
+              help="An image whose CSV label disagrees with its folder: leave it out, or "
+                   "trust the CSV or the folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the import report as JSON.")
+@user_errors
+def import_fracatlas_cmd(src: str, out: str, seed: int, valid_fraction: float, link: str,
+                         conflicts: str, as_json: bool) -> None:
+    """FracAtlas (dataset.csv, images/Fractured, images/Non_fractured) -> MURA layout."""
+    from bonexray.importers import import_fracatlas
+
+    report = import_fracatlas(src, out, seed=seed, valid_fraction=valid_fraction, link=link,
+                              conflicts=conflicts)
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+        return
+    for name in sorted(report.studies):
+        parts = ", ".join(f"{p} {c[0] + c[1]} ({c[1]} abnormal)"
+                          for p, c in sorted(report.by_body_part[name].items()))
+        click.echo(f"{name}: {report.studies[name]} studies, {report.abnormal[name]} "
+                   f"abnormal: {parts}")
+    click.echo(f"left out {len(report.unreadable)} unreadable images (truncated or corrupt), "
+               f"{len(report.label_conflicts)} with a CSV label that disagrees with the "
+               f"folder ({report.conflict_rule}); {len(report.missing_files)} listed but "
+               f"missing, {len(report.not_in_csv)} not listed; details in "
+               f"{report.out}/import_report.json")
+
+
 # ---------------------------------------------------------------------------- train / export
 
 
@@ -148,29 +189,58 @@ def synth(out: str, studies: int, seed: int, image_size: int, valid_fraction: fl
 @click.option("--workers", default=2, show_default=True, help="DataLoader workers.")
 @click.option("--max-steps", type=int, default=None, help="Cap on steps per epoch (quick runs).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--head", default="", help="Hidden fully connected layers before the logit, "
+              "e.g. 512,256 (default: none, DenseNet's single linear layer).")
+@click.option("--dropout", default=0.0, show_default=True, help="Dropout p in the head.")
+@click.option("--batch-norm/--no-batch-norm", default=False, show_default=True,
+              help="BatchNorm after each hidden head layer.")
+@click.option("--init", "init_", type=click.Choice(["default", "kaiming", "xavier"]),
+              default="default", show_default=True, help="Head initialisation (He, Xavier).")
+@click.option("--freeze", default="none", show_default=True,
+              help="none, backbone, or all-but-K (only the last K of 4 dense blocks train).")
+@click.option("--threshold", default="0.5", show_default=True,
+              help="Decision threshold chosen on validation: a number, youden, or "
+                   "sensitivity=X; stored in the checkpoint.")
+@click.option("--schedule", type=click.Choice(["auto", "onecycle", "plateau", "cosine",
+                                               "constant"]), default="auto", show_default=True,
+              help="auto: one-cycle from scratch, divide by 10 on plateau with weights.")
+@click.option("--rotation", default=30.0, show_default=True,
+              help="Random rotation up to +-degrees (MURA: 30); 0 turns it off.")
+@click.option("--resume", is_flag=True, help="Continue OUT/last.pt (same settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr: float | None,
           weights: str, seed: int, workers: int, max_steps: int | None, device: str,
+          head: str, dropout: float, batch_norm: bool, init_: str, freeze: str,
+          threshold: str, schedule: str, rotation: float, resume: bool,
           as_json: bool) -> None:
-    """Train DenseNet-169 on MURA-layout data; writes OUT/best.pt, last.pt, history.json."""
+    """Train DenseNet-169 on MURA-layout data; writes OUT/best.pt, last.pt, history.*."""
+    from bonexray.trainer.progress import RichTrainProgress
     from bonexray.trainer.train import TrainConfig
     from bonexray.trainer.train import train as run_training
 
+    try:
+        layers = tuple(int(w) for w in head.replace(" ", "").split(",") if w)
+    except ValueError:
+        raise click.BadParameter(f"{head!r} is not a list of widths like 512,256",
+                                 param_hint="--head") from None
     config = TrainConfig(
         data=data, out=out, epochs=epochs, image_size=image_size, batch_size=batch_size,
         lr=lr, weights=None if weights == "none" else weights, seed=seed, workers=workers,
-        max_steps=max_steps, device=device,
+        max_steps=max_steps, device=device, head=layers, dropout=dropout,
+        batch_norm=batch_norm, init=init_, freeze=freeze, threshold=threshold,
+        schedule=schedule, rotation=rotation,
     )
-    summary = run_training(config)
+    with RichTrainProgress() as progress:
+        summary = run_training(config, resume=resume, progress=progress)
     if as_json:
         click.echo(json.dumps(summary, default=str))
         return
     best = summary.get("best_metrics") or {}
     click.echo(f"best epoch {summary['best_epoch']}: valid AUROC {_fmt(best.get('auroc'))}, "
                f"kappa {_fmt(best.get('kappa'))}, accuracy {_fmt(best.get('accuracy'))}, "
-               f"F1 {_fmt(best.get('f1'))} on {best.get('n')} studies; "
-               f"checkpoint {summary['best']}")
+               f"F1 {_fmt(best.get('f1'))} on {best.get('n')} studies at threshold "
+               f"{_fmt(summary.get('threshold'))}; checkpoint {summary['best']}")
 
 
 def _fmt(value: Any) -> str:
@@ -178,27 +248,67 @@ def _fmt(value: Any) -> str:
 
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("checkpoints", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="model.onnx path.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+              show_default=True,
+              help="fp16 for GPU workers, int8 (static QDQ) for CPU workers; both judged "
+                   "against fp32 on the validation split.")
 @click.option("--opset", default=17, show_default=True)
 @click.option("--atol", default=1e-4, show_default=True,
-              help="Parity tolerance on probabilities against PyTorch.")
+              help="Parity tolerance on probabilities against PyTorch (fp32 graph).")
+@click.option("--cam", is_flag=True,
+              help="Add a `cam` output: the head at every position of the last feature map.")
+@click.option("--calibration", type=click.Path(exists=True, file_okay=False), default=None,
+              help="int8: calibrate on the views under DIR (default: the checkpoint's "
+                   "training split).")
+@click.option("--calibration-images", type=click.IntRange(min=1), default=None,
+              help="int8: views drawn for calibration (default 128).")
+@click.option("--validation", type=click.Path(exists=True, file_okay=False), default=None,
+              help="fp16/int8: labelled studies to judge on (default: the checkpoint's "
+                   "validation split).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
-def export(checkpoint: str, out: str, opset: int, atol: float, as_json: bool) -> None:
-    """Export a checkpoint to ONNX (uint8 input, metadata), gated by parity with PyTorch."""
+def export(checkpoints: tuple[str, ...], out: str, precision: str, opset: int, atol: float,
+           cam: bool, calibration: str | None, calibration_images: int | None,
+           validation: str | None, as_json: bool) -> None:
+    """Export CHECKPOINTS to one ONNX file (uint8 input, metadata), gated by parity with
+    PyTorch; several checkpoints make an ensemble that averages their probabilities."""
     from bonexray.export.onnx import export_model
 
-    report = export_model(checkpoint, out, opset=opset, atol=atol)
+    report = export_model(list(checkpoints), out, opset=opset, atol=atol, precision=precision,
+                          cam=cam, calibration=calibration, validation=validation,
+                          calibration_images=calibration_images)
+    for line in report["warnings"]:
+        log.warning("%s", line)
     if as_json:
         click.echo(json.dumps(report, default=str))
         return
-    worst = max(p["max_abs_diff"] for p in report["parity"])
+    diffs = [p["max_abs_diff"] for p in report["parity"]]
     meta = report["metadata"]
+    members = f"ensemble of {report['members']}, " if report["members"] > 1 else ""
+    if precision == "fp32":
+        parity = f"parity max |diff| {max(diffs):.1e} <= atol {atol:g}"
+    else:
+        parity = f"max |diff| to PyTorch {max(diffs):.1e}"
     click.echo(f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, sha256 "
-               f"{report['sha256'][:12]}…): {meta['architecture']}, {meta['input_size']} px, "
-               f"threshold {meta['threshold']}; parity max |diff| {worst:.1e} <= atol {atol:g} "
-               f"at batch {', '.join(str(p['batch']) for p in report['parity'])}")
+               f"{report['sha256'][:12]}…): {members}{meta['architecture']} {precision}, "
+               f"{meta['input_size']} px, threshold {meta['threshold']}"
+               f"{', cam ' + 'x'.join(map(str, report['cam'])) if report['cam'] else ''}; "
+               f"{parity} at batch {', '.join(str(p['batch']) for p in report['parity'])}")
+    check = report.get("precision_check")
+    if check:
+        def fig(x: Any) -> str:
+            return "n/a" if x is None else f"{x:.4f}"
+
+        delta = check["auroc_delta"]
+        click.echo(f"{precision} vs fp32 on {check['studies']} validation studies "
+                   f"({check['source']}, {check['provider']}): AUROC {fig(check['auroc_fp32'])}"
+                   f" -> {fig(check['auroc'])} ({'n/a' if delta is None else f'{delta:+.4f}'};"
+                   f" bound {check['bound']}"
+                   f"{'' if check['enforced'] else ', not enforced on so few'}); decisions "
+                   f"agree on {check['decision_agreement']:.1%}")
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -256,9 +366,11 @@ def run(folder: str, model_ref: str, database_url: str | None, as_json: bool,
 @broker_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--chunk-size", type=int, default=None, help="Studies per task (default 16).")
+@click.option("--force", is_flag=True,
+              help="Also send studies an earlier job already scored with this model.")
 @user_errors
 def enqueue(folder: str, model_ref: str, database_url: str | None, broker_url: str | None,
-            as_json: bool, chunk_size: int | None) -> None:
+            as_json: bool, chunk_size: int | None, force: bool) -> None:
     """Register a job for every study under FOLDER and send its chunks to the workers."""
     from bonexray.jobs import check_broker, prepare_job, resolve_model, send_job
 
@@ -268,15 +380,45 @@ def enqueue(folder: str, model_ref: str, database_url: str | None, broker_url: s
     engine = _engine()
     model = resolve_model(engine=engine, ref=model_ref)
     job = prepare_job(engine=engine, root=folder, model=model, mode="celery",
-                      options={"chunk_size": settings.chunk_size})
+                      options={"chunk_size": settings.chunk_size, "force": force},
+                      skip_done=not force)
     sent = _with_progress(len(job.tasks), f"enqueue job {job.job_id}",
                           lambda advance: send_job(job=job, settings=settings, progress=advance))
     if as_json:
-        click.echo(json.dumps({"job": job.job_id, "studies": job.studies, "views": job.views}))
+        click.echo(json.dumps({"job": job.job_id, "studies": job.studies, "views": job.views,
+                               "skipped": job.skipped}))
     else:
+        skipped = (f"; {job.skipped} already scored with this model skipped (--force sends "
+                   "them)" if job.skipped else "")
         click.echo(f"job {job.job_id}: {job.studies} studies ({job.views} views, {job.empty} "
-                   f"empty) sent as {sent} chunks; follow with `bonexray status {job.job_id} "
-                   "--wait`")
+                   f"empty) sent as {sent} chunks{skipped}; follow with `bonexray status "
+                   f"{job.job_id} --wait`")
+
+
+@cli.command()
+@click.argument("job", type=int)
+@db_option
+@broker_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--chunk-size", type=int, default=None, help="Studies per task (default 16).")
+@user_errors
+def requeue(job: int, database_url: str | None, broker_url: str | None, as_json: bool,
+            chunk_size: int | None) -> None:
+    """Send again, from SQL, every study of JOB without a result (safe to repeat)."""
+    from bonexray.jobs import check_broker, requeue_job
+
+    _apply_overrides(database_url=database_url, broker_url=broker_url, chunk_size=chunk_size)
+    settings = get_settings()
+    check_broker(settings)
+    engine = _engine()
+    job_id = _job_id(engine, job)
+    done = requeue_job(engine=engine, job_id=job_id, settings=settings)
+    if as_json:
+        click.echo(json.dumps({"job": done.job_id, "studies": done.studies,
+                               "chunks": done.chunks, "missing": done.missing}))
+    else:
+        click.echo(f"job {done.job_id}: {done.studies} studies without a result sent again as "
+                   f"{done.chunks} chunks; {done.missing} whose folder is gone marked failed")
 
 
 def _print_job_summary(job_id: int, studies: int, views: int, elapsed: float,
@@ -304,12 +446,22 @@ def _print_job_summary(job_id: int, studies: int, views: int, elapsed: float,
 @click.option("--queue", "-Q", default=None, help="Queue to consume (default bonexray).")
 @click.option("--hostname", "-n", default=None, help="Worker node name (Celery's -n).")
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--gpus", default=None,
+              help="One pool process per GPU, each pinned to its device: all, or 0,1,3 "
+                   "(default BONEXRAY_GPUS; sets the pool to prefork and the concurrency).")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
 def worker(database_url: str | None, broker_url: str | None, concurrency: int, pool: str,
-           queue: str | None, hostname: str | None, loglevel: str,
+           queue: str | None, hostname: str | None, loglevel: str, gpus: str | None,
            celery_args: tuple[str, ...]) -> None:
     """Start a Celery worker that classifies chunks (extra args go to `celery worker`)."""
+    from bonexray.worker.inference import parse_gpus
+
+    _apply_overrides(gpus=gpus)
+    gpu_ids = parse_gpus(get_settings().gpus)
+    if gpu_ids:
+        pool, concurrency = "prefork", len(gpu_ids)
+        _apply_overrides(gpus=",".join(map(str, gpu_ids)))
     processes = 1 if pool in ("solo", "threads") else concurrency
     _apply_overrides(database_url=database_url, broker_url=broker_url, queue=queue,
                      worker_processes=processes)
@@ -369,23 +521,36 @@ def status(job: int | None, database_url: str | None, wait: bool, as_json: bool,
 
 def _follow(read: Callable[[], dict[str, Any]], p: dict[str, Any], interval: float,
             timeout: float | None) -> dict[str, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress
 
     deadline = None if timeout is None else time.monotonic() + timeout
     with Progress("[progress.description]{task.description}", BarColumn(),
-                  MofNCompleteColumn(), TimeRemainingColumn(), "{task.fields[info]}",
+                  MofNCompleteColumn(), "{task.fields[info]}",
                   console=_stderr_console()) as progress:
         task = progress.add_task(f"job {p['job']}", total=p["studies"], info="")
         while True:
-            finished = p["studies"] - p["queued"]
-            rate = p["images_per_s"]
-            progress.update(task, completed=finished,
-                            info=f"failed {p['failed']}"
-                                 + (f" · {rate:.1f} img/s" if rate else ""))
+            progress.update(task, completed=p["studies"] - p["queued"],
+                            info=progress_line(p))
             if p["finished"] or (deadline is not None and time.monotonic() > deadline):
                 return p
             time.sleep(interval)
             p = read()
+
+
+def progress_line(p: dict[str, Any]) -> str:
+    """done / failed / queued, images/s and the time left at that rate, for the live bar."""
+    rate = p["images_per_s"]
+    left = p["views"] - p["views_scored"] - p["views_failed"]
+    if p["finished"] or left <= 0:
+        eta = "0:00:00"
+    elif rate:
+        minutes, seconds = divmod(int(left / rate + 0.5), 60)
+        eta = f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+    else:
+        eta = "-:--:--"
+    speed = f"{rate:.1f} img/s" if rate else "- img/s"
+    return (f"done {p['done']} · failed {p['failed']} · queued {p['queued']} · {speed} · "
+            f"ETA {eta}")
 
 
 def _job_id(engine: Any, job: int | None) -> int:
@@ -410,10 +575,23 @@ def _job_id(engine: Any, job: int | None) -> int:
 @click.option("--prediction", type=click.Choice(["normal", "abnormal"]), default=None)
 @click.option("--status", "study_status", type=click.Choice(["queued", "done", "failed",
                                                              "empty"]), default=None)
+@click.option("--min-score", type=click.FloatRange(0, 1), default=None,
+              help="Only studies scoring at least this.")
+@click.option("--max-score", type=click.FloatRange(0, 1), default=None,
+              help="Only studies scoring at most this.")
+@click.option("--path", "path_pattern", default=None, metavar="PATTERN",
+              help="Only study paths containing PATTERN (* and ? wildcards, any case).")
+@click.option("--order", type=click.Choice(["path", "score", "-score"]), default="path",
+              show_default=True, help="Sort by path, or by score (-score: highest first).")
 @click.option("--limit", type=int, default=None)
+@click.option("--heatmaps", "heatmaps_dir", type=click.Path(file_okay=False), default=None,
+              help="Write CAM overlay PNGs of the selected studies' views here (needs a "
+                   "model with a `cam` output).")
 @user_errors
 def results(job: int | None, database_url: str | None, fmt: str, body_part: str | None,
-            prediction: str | None, study_status: str | None, limit: int | None) -> None:
+            prediction: str | None, study_status: str | None, min_score: float | None,
+            max_score: float | None, path_pattern: str | None, order: str,
+            limit: int | None, heatmaps_dir: str | None) -> None:
     """Study results of a job (the latest when JOB is omitted)."""
     from bonexray.db.query import get_job, job_results
     from bonexray.db.session import session_scope
@@ -423,7 +601,11 @@ def results(job: int | None, database_url: str | None, fmt: str, body_part: str 
     job_id = _job_id(engine, job)
     with session_scope(engine) as session:
         rows = job_results(session=session, job_id=job_id, body_part=body_part,
-                           prediction=prediction, status=study_status, limit=limit)
+                           prediction=prediction, status=study_status, limit=limit,
+                           min_score=min_score, max_score=max_score, path=path_pattern,
+                           order=order)
+    if heatmaps_dir is not None:
+        _write_heatmaps(engine, job_id, rows, heatmaps_dir)
     if fmt == "json":
         click.echo(json.dumps(rows))
     elif fmt == "csv":
@@ -464,6 +646,263 @@ def _print_table(job_id: int, root: str, rows: list[dict[str, Any]]) -> None:
 
 def _text(value: Any) -> str:
     return "" if value is None else str(value)
+
+
+def _write_heatmaps(engine: Any, job_id: int, rows: list[dict[str, Any]], out: str) -> None:
+    from bonexray.db.models import Model
+    from bonexray.db.query import get_job
+    from bonexray.db.session import session_scope
+    from bonexray.plots import write_heatmaps
+
+    with session_scope(engine) as session:
+        job_row = get_job(session=session, job_id=job_id)
+        model = session.get(Model, job_row.model_id) if job_row is not None else None
+        if job_row is None or model is None:
+            raise click.ClickException(f"no job {job_id} in the database")
+        root, model_path, sha = job_row.root, model.path, model.sha256
+    views = [v["path"] for r in rows for v in r["views"]]
+    done = write_heatmaps(model_path=model_path, expected_sha256=sha, views=views, root=root,
+                          out_dir=out)
+    click.echo(f"heatmaps: {len(done['written'])} written to {out}, {len(done['failed'])} "
+               "views could not be read", err=True)
+
+
+@cli.command()
+@db_option
+@click.option("--limit", default=20, show_default=True, help="How many of the newest jobs.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@user_errors
+def jobs(database_url: str | None, limit: int, fmt: str) -> None:
+    """The newest jobs: model, studies by status, duration and throughput."""
+    from bonexray.db.query import job_timings, list_jobs
+    from bonexray.db.session import session_scope
+
+    _apply_overrides(database_url=database_url)
+    with session_scope(_engine()) as session:
+        rows = list_jobs(session=session, limit=limit)
+        timings = job_timings(session=session, job_ids=[r["id"] for r in rows])
+    rows = [{**r, **timings.get(r["id"], {"duration_s": None, "images_per_s": None})}
+            for r in rows]
+    if fmt == "json":
+        click.echo(json.dumps(rows))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} newest jobs")
+    for name in ("job", "model", "created", "studies", "done", "failed", "empty", "queued",
+                 "views", "duration", "images/s", "root"):
+        table.add_column(name, overflow="fold")
+    for r in rows:
+        table.add_row(str(r["id"]), r["model"], (r["created_at"] or "")[:19].replace("T", " "),
+                      str(r["studies"]), str(r["done"]), str(r["failed"]), str(r["empty"]),
+                      str(r["queued"]), str(r["views"]), _duration(r["duration_s"]),
+                      "" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}",
+                      r["root"])
+    Console().print(table)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+@cli.command()
+@click.argument("job", type=int, required=False)
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False), default=None,
+              help="Write roc.png, confusion_matrix.png and by_body_part.png here.")
+@click.option("--resamples", default=1000, show_default=True, type=click.IntRange(1),
+              help="Bootstrap resamples for the 95% intervals.")
+@click.option("--seed", default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+              help="Decision threshold (default: the model's).")
+@user_errors
+def evaluate(job: int | None, database_url: str | None, fmt: str, plots_dir: str | None,
+             resamples: int, seed: int, threshold: float | None) -> None:
+    """Compare a job's predictions with the labels of its studies (latest job by default):
+    accuracy, F1, kappa, AUROC, sensitivity, specificity with bootstrap 95% intervals,
+    overall and per body part; stored in the evaluations table."""
+    from bonexray.db.session import session_scope
+    from bonexray.evaluate import evaluate_job
+
+    _apply_overrides(database_url=database_url)
+    engine = _engine()
+    job_id = _job_id(engine, job)
+    with session_scope(engine) as session:
+        result = evaluate_job(session=session, job_id=job_id, resamples=resamples, seed=seed,
+                              threshold=threshold)
+    if plots_dir is not None:
+        from bonexray.plots import write_evaluation_plots
+
+        written = write_evaluation_plots(result, plots_dir)
+        click.echo(f"plots: {', '.join(str(p) for p in written)}", err=True)
+    if fmt == "json":
+        click.echo(json.dumps(result.to_json()))
+    else:
+        _print_evaluation(job_id, result.run, result.to_json())
+
+
+_EVAL_COLUMNS = ("accuracy", "f1", "kappa", "auroc", "sensitivity", "specificity")
+
+
+def _print_evaluation(job_id: int, run: int | None, figures: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    overall = figures["overall"]
+    table = Table(title=f"job {job_id}, evaluation {run}: threshold {overall['threshold']:g}; "
+                        f"{overall['unscored']} labelled studies unscored, "
+                        f"{overall['unlabelled']} unlabelled skipped",
+                  caption="value [95% bootstrap interval]")
+    for name in ("group", "n", "positives", "unscored", *_EVAL_COLUMNS):
+        table.add_column(name, overflow="fold")
+    groups = [("overall", overall), *figures["by_body_part"].items()]
+    for name, f in groups:
+        table.add_row(name, str(f["n"]), str(f["positives"]), str(f["unscored"]),
+                      *(_with_ci(f[m], f[f"{m}_ci"]) for m in _EVAL_COLUMNS))
+    Console().print(table)
+
+
+def _with_ci(value: float | None, ci: list[float | None]) -> str:
+    if value is None:
+        return "n/a"
+    if ci[0] is None or ci[1] is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+@cli.command("export-predictions")
+@click.argument("job", type=int)
+@click.argument("out", type=click.Path(dir_okay=False))
+@db_option
+@click.option("--relative-to", type=click.Path(file_okay=False), default=None,
+              help="Write study paths relative to this folder (default: from the folder "
+                   "that holds train/ or valid/, as MURA's CSVs do, else from the parent "
+                   "of the job's root).")
+@user_errors
+def export_predictions(job: int, out: str, database_url: str | None,
+                       relative_to: str | None) -> None:
+    """Write JOB's predictions as MURA's evaluation script reads them: one
+    `path/to/study/,label` row per scored study (1 abnormal, 0 normal), no header."""
+    from bonexray.evaluate import write_mura_predictions
+
+    _apply_overrides(database_url=database_url)
+    engine = _engine()
+    job_id = _job_id(engine, job)
+    from bonexray.db.session import session_scope
+
+    with session_scope(engine) as session:
+        summary = write_mura_predictions(session=session, job_id=job_id, out=out,
+                                         relative_to=relative_to)
+    click.echo(f"wrote {summary['written']} predictions to {out}"
+               + (f"; {summary['unscored']} studies without a prediction left out"
+                  if summary["unscored"] else ""))
+
+
+# ---------------------------------------------------------------------------- bench
+
+
+@cli.command()
+@click.option("--quick", is_flag=True, help="Fewer images and repeats (a few minutes here).")
+@click.option("--image-size", default=224, show_default=True)
+@click.option("--batch", default=16, show_default=True, help="Inference batch size.")
+@click.option("--images", default=0, help="Views to generate (default 192, quick 96).")
+@click.option("--control-studies", default=0,
+              help="Studies for the control-plane figure (default 4000, quick 1500).")
+@click.option("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+              show_default=True, help="Postgres where a private database is made and dropped.")
+@click.option("--broker", "broker_url", default="redis://127.0.0.1:6379/14", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the JSON here.")
+@user_errors
+def bench(quick: bool, image_size: int, batch: int, images: int, control_studies: int,
+          pg_admin_url: str, broker_url: str, out: str | None) -> None:
+    """Measure throughput in one run; the last line of stdout is one JSON object."""
+    from bonexray.bench import BenchConfig, format_result, run_benchmark
+
+    config = BenchConfig(quick=quick, image_size=image_size, batch=batch, images=images,
+                         control_studies=control_studies, database_url=pg_admin_url,
+                         broker_url=broker_url)
+    result = run_benchmark(config)
+    text = format_result(result)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")
+    click.echo(text)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@cli.group()
+def models() -> None:
+    """The model registry: model files known by name and sha256."""
+
+
+def _model_row(model: Any) -> dict[str, Any]:
+    meta = dict(model.meta or {})
+    return {"id": model.id, "name": model.name, "sha256": model.sha256, "path": model.path,
+            "metadata": meta}
+
+
+@models.command("add")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", default=None, help="Registry name (default: the file's stem).")
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="Print the registered model as JSON.")
+@user_errors
+def models_add(file: str, name: str | None, database_url: str | None, as_json: bool) -> None:
+    """Register a bonexray model file (its metadata is checked) by name and sha256."""
+    from bonexray.jobs import resolve_model
+
+    _apply_overrides(database_url=database_url)
+    model = resolve_model(engine=_engine(), ref=file, name=name)
+    if as_json:
+        click.echo(json.dumps(_model_row(model), default=str))
+        return
+    note = (f" (already registered under this name; --name {name!r} not applied)"
+            if name is not None and model.name != name else "")
+    meta = model.meta or {}
+    click.echo(f"model {model.name!r}: sha256 {model.sha256}, {meta.get('architecture')} "
+               f"{meta.get('precision', 'fp32')}, {meta.get('input_size')} px, threshold "
+               f"{meta.get('threshold')}; {model.path}{note}")
+
+
+@models.command("list")
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@user_errors
+def models_list(database_url: str | None, fmt: str) -> None:
+    """Registered models, oldest first."""
+    from bonexray.db.query import list_models
+    from bonexray.db.session import session_scope
+
+    _apply_overrides(database_url=database_url)
+    with session_scope(_engine()) as session:
+        rows = list_models(session=session)
+    if fmt == "json":
+        click.echo(json.dumps(rows, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} registered models")
+    for column in ("name", "sha256", "architecture", "precision", "px", "threshold",
+                   "registered", "path"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        meta = r["metadata"]
+        table.add_row(r["name"], r["sha256"][:16], str(meta.get("architecture", "")),
+                      str(meta.get("precision", "fp32")), str(meta.get("input_size", "")),
+                      str(meta.get("threshold", "")), (r["created_at"] or "")[:19], r["path"])
+    Console().print(table)
 
 
 # ---------------------------------------------------------------------------- db

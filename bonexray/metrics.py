@@ -170,3 +170,136 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     return value
+
+
+CI_METRICS = ("accuracy", "f1", "kappa", "auroc", "sensitivity", "specificity")
+
+
+def roc_curve(labels: Sequence[Any] | np.ndarray,
+              scores: Sequence[Any] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds) at every distinct score, highest first, from (0, 0) to (1, 1).
+
+    The first threshold is +inf (nothing positive). ValueError unless both classes occur.
+    """
+    y, s = _arrays(labels, scores)
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"a ROC curve needs both classes; got {n_pos} positives, "
+                         f"{n_neg} negatives")
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    # The last index of each run of equal scores: "score >= t" takes whole runs.
+    last = np.r_[np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), s_sorted.size - 1]
+    tps = np.cumsum(y_sorted)[last]
+    fps = (last + 1) - tps
+    tpr = np.r_[0.0, tps / n_pos]
+    fpr = np.r_[0.0, fps / n_neg]
+    return fpr, tpr, np.r_[np.inf, s_sorted[last]]
+
+
+def resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
+    """Bootstrap draws: int [resamples, n] of indices into 0..n-1, with replacement.
+
+    bootstrap_metrics draws the same indices, block by block, from the same generator.
+    """
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n, size=(resamples, n))
+
+
+_BLOCK_CELLS = 2_000_000  # resamples x studies per block: bounded memory on large jobs
+
+
+def bootstrap_metrics(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] | np.ndarray,
+                      threshold: float = 0.5, *, resamples: int = 1000,
+                      seed: int = 0) -> dict[str, np.ndarray]:
+    """binary_metrics of each bootstrap resample (resample_indices(n, resamples, seed)),
+    one array of `resamples` values per name in CI_METRICS; NaN where a resample leaves
+    a figure undefined (e.g. AUROC of a resample with one class).
+
+    Vectorised: a resample is a vector of counts per study, so the confusion counts are
+    weighted sums, and the AUROC a weighted Mann-Whitney U over the distinct scores.
+    """
+    y, s = _arrays(labels, scores)
+    n = y.size
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    if n == 0:
+        return {name: np.full(resamples, np.nan) for name in CI_METRICS}
+    rng = np.random.default_rng(seed)
+    block = max(1, _BLOCK_CELLS // n)
+    parts = []
+    for start in range(0, resamples, block):
+        idx = rng.integers(0, n, size=(min(block, resamples - start), n))
+        parts.append(_resample_figures(y, s, threshold, idx))
+    return {name: np.concatenate([p[name] for p in parts]) for name in CI_METRICS}
+
+
+def _resample_figures(y: np.ndarray, s: np.ndarray, threshold: float,
+                      idx: np.ndarray) -> dict[str, np.ndarray]:
+    b, n = idx.shape
+    counts = np.zeros((b, n), dtype=np.float64)
+    np.add.at(counts, (np.repeat(np.arange(b), n), idx.ravel()), 1.0)
+    pred = s >= threshold
+    pos = y == 1
+    tp = counts @ (pred & pos).astype(np.float64)
+    fp = counts @ (pred & ~pos).astype(np.float64)
+    fn = counts @ (~pred & pos).astype(np.float64)
+    tn = counts @ (~pred & ~pos).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = (tp + tn) / n
+        p_chance = ((tp + fp) * (tp + fn) + (tn + fn) * (tn + fp)) / (n * n)
+        kappa = (accuracy - p_chance) / (1.0 - p_chance)
+        f1 = 2 * tp / (2 * tp + fp + fn)
+        sensitivity = tp / (tp + fn)
+        specificity = tn / (tn + fp)
+        # AUROC: per distinct score level, the resample's positive and negative weight.
+        levels, level_of = np.unique(s, return_inverse=True)
+        pos_w = np.zeros((levels.size, b))
+        neg_w = np.zeros((levels.size, b))
+        np.add.at(pos_w, level_of[pos], counts[:, pos].T)
+        np.add.at(neg_w, level_of[~pos], counts[:, ~pos].T)
+        neg_below = np.cumsum(neg_w, axis=0) - neg_w  # negatives with a strictly lower score
+        u = (pos_w * (neg_below + 0.5 * neg_w)).sum(axis=0)
+        auroc_b = u / (pos_w.sum(axis=0) * neg_w.sum(axis=0))
+    figures = {"accuracy": accuracy, "f1": f1, "kappa": kappa, "auroc": auroc_b,
+               "sensitivity": sensitivity, "specificity": specificity}
+    return {name: np.where(np.isfinite(v), v, np.nan) for name, v in figures.items()}
+
+
+def bootstrap_ci(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] | np.ndarray,
+                 threshold: float = 0.5, *, resamples: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals for CI_METRICS, resampling studies with replacement.
+
+    Resamples where a figure is undefined are left out of its interval; (NaN, NaN) when
+    fewer than half of them define it (e.g. AUROC with a single positive study).
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"confidence level {level} outside (0, 1)")
+    draws = bootstrap_metrics(labels, scores, threshold, resamples=resamples, seed=seed)
+    tail = (1.0 - level) / 2.0 * 100.0
+    intervals: dict[str, tuple[float, float]] = {}
+    for name, values in draws.items():
+        finite = values[np.isfinite(values)]
+        if finite.size * 2 < values.size or finite.size == 0:
+            intervals[name] = (float("nan"), float("nan"))
+        else:
+            low, high = np.percentile(finite, [tail, 100.0 - tail])
+            intervals[name] = (float(low), float(high))
+    return intervals
+
+
+def metrics_with_ci(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] | np.ndarray,
+                    threshold: float = 0.5, *, resamples: int = 1000,
+                    seed: int = 0) -> dict[str, Any]:
+    """binary_metrics plus `<name>_ci: (low, high)` for each name in CI_METRICS.
+
+    An interval is (NaN, NaN) where its point estimate is undefined.
+    """
+    result: dict[str, Any] = dict(binary_metrics(labels, scores, threshold))
+    intervals = bootstrap_ci(labels, scores, threshold, resamples=resamples, seed=seed)
+    for name in CI_METRICS:
+        defined = math.isfinite(float(result[name]))
+        result[f"{name}_ci"] = intervals[name] if defined else (float("nan"), float("nan"))
+    return result

@@ -12,6 +12,7 @@ FORMAT_VERSION = "1"
 INPUT_NAME = "pixels"  # uint8 [N, 1, H, W]
 OUTPUT_PROB = "abnormal_prob"  # float32 [N]
 OUTPUT_CAM = "cam"  # float32 [N, h, w], optional
+PRECISIONS = ("fp32", "fp16", "int8")  # fp16 for GPU workers, int8 (static QDQ) for CPU ones
 
 # Keys every bonexray model carries; a worker refuses a model without them.
 REQUIRED_KEYS = ("bonexray_format", "architecture", "input_size", "resize", "threshold")
@@ -30,6 +31,7 @@ class ModelInfo:
     resize: str
     threshold: float
     aggregation: str = "mean"
+    precision: str = "fp32"
     props: dict[str, str] = field(default_factory=dict, compare=False)
 
     def json_prop(self, key: str) -> Any:
@@ -88,11 +90,17 @@ def parse_metadata(props: dict[str, str], *, source: str = "model") -> ModelInfo
     aggregation = props.get("aggregation", "mean")
     if aggregation not in ("mean", "max"):
         raise ModelMetadataError(f"{source}: unknown aggregation {aggregation!r} (mean, max)")
+    precision = props.get("precision", "fp32")  # files from before precisions were fp32
+    if precision not in PRECISIONS:
+        raise ModelMetadataError(
+            f"{source}: unknown precision {precision!r} ({', '.join(PRECISIONS)})"
+        )
     return ModelInfo(
         architecture=props["architecture"],
         input_size=size,
         resize=props["resize"],
         threshold=threshold,
         aggregation=aggregation,
+        precision=precision,
         props=dict(props),
     )

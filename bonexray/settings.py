@@ -49,12 +49,23 @@ class Settings:
     # "auto" = CUDA when it really loads, else CPU; or a comma list of ORT provider names.
     providers: str = "auto"
     require_gpu: bool = False
+    # GPUs of this host for `bonexray worker --gpus`: "" (no pinning), "all", or "0,1,3";
+    # one worker process per GPU, each pinned to its own device.
+    gpus: str = ""
+    # The CUDA device this process's sessions run on (set per process from `gpus`).
+    cuda_device: int = 0
+    # Where registered model files are kept by sha256 (shared storage, same on every node);
+    # "" keeps the path the model was registered from.
+    model_store: str = ""
     # Seconds before Redis hands an unacknowledged task to another worker. Must exceed the
     # worst chunk time, and every retry countdown stays below it.
     visibility_timeout: int = 3600
     max_retries: int = 5
     # Largest image accepted, in pixels (a decompression bomb fails its view).
     max_image_pixels: int = 89_478_485
+    # Folders (separated by ":") that jobs may read; empty = no confinement. Paths outside
+    # them, and symlinks leading out of them, are refused (bonexray.security).
+    data_roots: str = ""
     log_level: str = "INFO"
 
     def replace(self, **changes: object) -> Settings:

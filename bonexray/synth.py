@@ -274,7 +274,8 @@ def _plan_sign(rng: np.random.Generator, sign: str, rods: list[_Rod], height: in
     if sign == "fracture":
         return _Fracture(
             rod=i, at=at, tilt=float(rng.uniform(-0.5, 0.5)),
-            half_width=float(rng.uniform(0.014, 0.02)) * scale,
+            # Wide enough to stay a visible gap once a view is letterboxed to 64 px.
+            half_width=float(rng.uniform(0.024, 0.032)) * scale,
             shift=float(rng.choice((-1, 1))) * float(rng.uniform(0.5, 0.9)) * rod.radius,
             jag=float(rng.uniform(0.006, 0.012)) * scale,
             jag_freq=float(rng.uniform(0.5, 1.2)) * 6.0 / max(rod.radius, 1.0),
@@ -282,8 +283,8 @@ def _plan_sign(rng: np.random.Generator, sign: str, rods: list[_Rod], height: in
         )
     if sign == "cortical_break":
         return _Break(
-            rod=i, at=at, half_length=float(rng.uniform(0.06, 0.09)) * scale,
-            depth=float(rng.uniform(0.6, 0.85)), side=float(rng.choice((-1, 1))),
+            rod=i, at=at, half_length=float(rng.uniform(0.08, 0.11)) * scale,
+            depth=float(rng.uniform(0.7, 0.9)), side=float(rng.choice((-1, 1))),
             both=bool(rng.random() < 0.5),
         )
     ux, uy = _unit(rod.angle)

@@ -8,12 +8,19 @@ import math
 import numpy as np
 import pytest
 
+from bonexray import metrics as metrics_module
 from bonexray.metrics import (
+    CI_METRICS,
     auroc,
     binary_metrics,
+    bootstrap_ci,
+    bootstrap_metrics,
     choose_threshold,
     json_safe,
     metrics_by_group,
+    metrics_with_ci,
+    resample_indices,
+    roc_curve,
     study_scores,
 )
 
@@ -118,3 +125,130 @@ def test_choose_threshold_rules() -> None:
         choose_threshold(labels, scores, "best")
     with pytest.raises(ValueError, match="outside 0..1"):
         choose_threshold(labels, scores, "1.5")
+
+
+# ---------------------------------------------------------------------------- against sklearn
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+
+def _random_case(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    labels = rng.integers(0, 2, n)
+    labels[:2] = [0, 1]
+    scores = np.round(np.clip(labels * 0.2 + rng.random(n) * 0.8, 0, 1), 2)  # ties
+    return labels, scores
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_binary_metrics_match_sklearn(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels, scores = _random_case(rng, int(rng.integers(5, 400)))
+    threshold = float(rng.choice([0.3, 0.5, 0.62]))
+    pred = (scores >= threshold).astype(int)
+    m = binary_metrics(labels, scores, threshold)
+    assert m["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(labels, pred))
+    assert m["f1"] == pytest.approx(sklearn_metrics.f1_score(labels, pred, zero_division=0))
+    assert m["kappa"] == pytest.approx(sklearn_metrics.cohen_kappa_score(labels, pred))
+    assert m["auroc"] == pytest.approx(sklearn_metrics.roc_auc_score(labels, scores))
+    assert m["sensitivity"] == pytest.approx(sklearn_metrics.recall_score(labels, pred))
+    assert m["specificity"] == pytest.approx(
+        sklearn_metrics.recall_score(labels, pred, pos_label=0))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_roc_curve_matches_sklearn(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    labels, scores = _random_case(rng, 200)
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    s_fpr, s_tpr, s_thr = sklearn_metrics.roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, s_fpr)
+    np.testing.assert_allclose(tpr, s_tpr)
+    np.testing.assert_allclose(thresholds[1:], s_thr[1:])
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(labels, scores))
+
+
+def test_roc_curve_needs_both_classes() -> None:
+    with pytest.raises(ValueError, match="3 positives, 0 negatives"):
+        roc_curve([1, 1, 1], [0.1, 0.5, 0.9])
+    fpr, tpr, _ = roc_curve([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5])  # all tied: one step
+    assert fpr.tolist() == [0.0, 1.0] and tpr.tolist() == [0.0, 1.0]
+
+
+# ---------------------------------------------------------------------------- bootstrap
+
+
+def _loop_bootstrap(labels: np.ndarray, scores: np.ndarray, threshold: float,
+                    resamples: int, seed: int) -> dict[str, np.ndarray]:
+    idx = resample_indices(labels.size, resamples, seed)
+    draws = [binary_metrics(labels[i], scores[i], threshold) for i in idx]
+    return {name: np.array([d[name] for d in draws], dtype=float) for name in CI_METRICS}
+
+
+@pytest.mark.parametrize("block_cells", [2_000_000, 37])
+def test_bootstrap_equals_resampling_one_by_one(monkeypatch: pytest.MonkeyPatch,
+                                                block_cells: int) -> None:
+    # Small blocks (37 cells: one resample each) must draw the same indices as one block.
+    monkeypatch.setattr(metrics_module, "_BLOCK_CELLS", block_cells)
+    rng = np.random.default_rng(7)
+    labels, scores = _random_case(rng, 30)
+    labels[:6] = 1  # unbalanced: some resamples lack negatives, AUROC NaN there
+    fast = bootstrap_metrics(labels, scores, 0.5, resamples=300, seed=11)
+    slow = _loop_bootstrap(labels, scores, 0.5, 300, 11)
+    for name in CI_METRICS:
+        np.testing.assert_allclose(fast[name], slow[name], equal_nan=True, err_msg=name)
+
+
+def test_bootstrap_ci_is_the_percentile_interval() -> None:
+    rng = np.random.default_rng(3)
+    labels, scores = _random_case(rng, 120)
+    ci = bootstrap_ci(labels, scores, 0.5, resamples=500, seed=5)
+    slow = _loop_bootstrap(labels, scores, 0.5, 500, 5)
+    for name in CI_METRICS:
+        low, high = np.nanpercentile(slow[name], [2.5, 97.5])
+        assert ci[name] == pytest.approx((low, high)), name
+    point = binary_metrics(labels, scores, 0.5)
+    assert all(ci[n][0] <= point[n] <= ci[n][1] for n in CI_METRICS)
+    assert bootstrap_ci(labels, scores, 0.5, resamples=500, seed=5) == ci  # reproducible
+    assert bootstrap_ci(labels, scores, 0.5, resamples=500, seed=6) != ci
+    wide = bootstrap_ci(labels[:30], scores[:30], 0.5, resamples=500, seed=5)
+    assert wide["auroc"][1] - wide["auroc"][0] > ci["auroc"][1] - ci["auroc"][0]
+
+
+def test_metrics_with_ci_hand_cases() -> None:
+    # All one class: AUROC and sensitivity undefined, with undefined intervals.
+    m = metrics_with_ci([0, 0, 0, 0], [0.1, 0.2, 0.7, 0.3], 0.5, resamples=200)
+    assert m["accuracy"] == 0.75 and m["specificity"] == 0.75
+    for name in ("auroc", "sensitivity"):
+        assert math.isnan(m[name]) and all(math.isnan(x) for x in m[f"{name}_ci"])
+    assert m["kappa"] == 0.0  # chance agreement equals the observed: as sklearn
+    assert 0.0 <= m["accuracy_ci"][0] <= 0.75 <= m["accuracy_ci"][1] <= 1.0
+    assert json_safe(m)["auroc_ci"] == [None, None]
+    # Every score tied: AUROC is exactly one half in every resample that has both classes.
+    tied = metrics_with_ci([0, 1] * 20, [0.4] * 40, 0.5, resamples=200)
+    assert tied["auroc"] == 0.5 and tied["auroc_ci"] == (0.5, 0.5)
+    assert tied["sensitivity_ci"] == (0.0, 0.0) and tied["specificity_ci"] == (1.0, 1.0)
+    # Perfect separation.
+    perfect = metrics_with_ci([0, 0, 1, 1, 1], [0.1, 0.2, 0.8, 0.9, 0.95], 0.5, resamples=200)
+    assert perfect["auroc_ci"] == (1.0, 1.0) and perfect["kappa_ci"] == (1.0, 1.0)
+    # A single positive: a third of the resamples lack it; the rest give the interval.
+    labels, scores = [1] + [0] * 19, np.linspace(1, 0, 20) ** 2
+    scores[0] = 0.5  # the positive ranks above 14 of the 19 negatives
+    single = metrics_with_ci(labels, scores, 0.5, resamples=400)
+    assert single["auroc"] == pytest.approx(14 / 19)
+    low, high = single["auroc_ci"]
+    assert low <= 14 / 19 <= high and high - low > 0.3
+    draws = bootstrap_metrics(labels, scores, 0.5, resamples=400)["auroc"]
+    assert 0.2 < np.isnan(draws).mean() < 0.5  # resamples without the positive, left out
+
+
+def test_bootstrap_refuses_nan_and_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="1 of 3 scores are NaN"):
+        bootstrap_ci([0, 1, 1], [0.1, float("nan"), 0.3])
+    with pytest.raises(ValueError, match="1 of 3 scores are NaN"):
+        metrics_with_ci([0, 1, 1], [0.1, float("nan"), 0.3])
+    with pytest.raises(ValueError, match="resamples must be at least 1"):
+        bootstrap_metrics([0, 1], [0.1, 0.9], resamples=0)
+    with pytest.raises(ValueError, match="confidence level"):
+        bootstrap_ci([0, 1], [0.1, 0.9], level=95)
+    empty = metrics_with_ci([], [], 0.5, resamples=10)
+    assert empty["n"] == 0 and math.isnan(empty["auroc"]) and math.isnan(empty["f1_ci"][0])

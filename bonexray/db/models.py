@@ -149,3 +149,35 @@ class BatchStat(Base):
     infer_ms: Mapped[float] = mapped_column(Float)
     write_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Evaluation(Base):
+    """Figures of one evaluation of a job against its labels: overall or for one body part.
+
+    One `evaluate` run writes one row with body_part NULL (all labelled studies) and one
+    per body part, all with the same run number (1, 2, ... per job).
+    """
+
+    __tablename__ = "evaluations"
+    __table_args__ = (UniqueConstraint("job_id", "run", "body_part"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    run: Mapped[int] = mapped_column(Integer)
+    body_part: Mapped[str | None] = mapped_column(String(64))  # NULL: all body parts
+    threshold: Mapped[float] = mapped_column(Float)
+    n: Mapped[int] = mapped_column(Integer)  # labelled and scored studies
+    positives: Mapped[int] = mapped_column(Integer)
+    unscored: Mapped[int] = mapped_column(Integer)  # labelled, without a score
+    unlabelled: Mapped[int] = mapped_column(Integer)  # scored or not, no label: skipped
+    accuracy: Mapped[float | None] = mapped_column(Float)
+    f1: Mapped[float | None] = mapped_column(Float)
+    kappa: Mapped[float | None] = mapped_column(Float)
+    auroc: Mapped[float | None] = mapped_column(Float)
+    sensitivity: Mapped[float | None] = mapped_column(Float)
+    specificity: Mapped[float | None] = mapped_column(Float)
+    # {"auroc": [low, high], ...}: percentile bootstrap, `resamples` draws from `seed`.
+    ci: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    resamples: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

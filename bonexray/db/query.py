@@ -9,10 +9,11 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
-from bonexray.db.models import Job, Model, Study, View
+from bonexray.db.models import Evaluation, Job, Model, Study, View
 from bonexray.results import DONE, EMPTY, FAILED, QUEUED, STATUSES
 
 PREDICTIONS = ("normal", "abnormal")
+ORDERS = ("path", "score", "-score")
 MIN_SHA_PREFIX = 8
 _MAX_ID = 2**31 - 1
 
@@ -163,13 +164,27 @@ def job_progress(*, session: Session, job_id: int) -> dict[str, Any]:
     }
 
 
+def path_pattern(pattern: str) -> str:
+    """A LIKE pattern for a study-path filter: `*` any run of characters, `?` one; matched
+    anywhere in the path (a pattern without wildcards is a substring)."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return "%" + escaped.replace("*", "%").replace("?", "_") + "%"
+
+
 def job_results(*, session: Session, job_id: int, body_part: str | None = None,
                 prediction: str | None = None, status: str | None = None,
-                limit: int | None = None) -> list[dict[str, Any]]:
-    """A job's studies with their views, by study path (views by path), optionally filtered.
+                limit: int | None = None, min_score: float | None = None,
+                max_score: float | None = None, path: str | None = None,
+                order: str = "path") -> list[dict[str, Any]]:
+    """A job's studies with their views, optionally filtered, by study path (or by score,
+    `score` ascending or `-score` descending, unscored studies last); views by path.
 
-    Two queries however many studies: the studies, then the views of those studies.
+    Score bounds are inclusive and leave out unscored studies; `path` is a case-insensitive
+    pattern (see path_pattern). Two queries however many studies: the studies, then the
+    views of those studies.
     """
+    if order not in ORDERS:
+        raise ValueError(f"order {order!r} is not one of {', '.join(ORDERS)}")
     if prediction is not None and prediction not in PREDICTIONS:
         raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTIONS)}")
     if status is not None and status not in STATUSES:
@@ -181,12 +196,22 @@ def job_results(*, session: Session, job_id: int, body_part: str | None = None,
         conditions.append(Study.prediction == prediction)
     if status is not None:
         conditions.append(Study.status == status)
+    if min_score is not None:
+        conditions.append(Study.score >= min_score)
+    if max_score is not None:
+        conditions.append(Study.score <= max_score)
+    if path is not None:
+        conditions.append(Study.path.ilike(path_pattern(path), escape="\\"))
+    ordering: list[Any] = [_by_path(session, Study.path)]
+    if order != "path":
+        ordering = [Study.score.is_(None),
+                    Study.score.desc() if order == "-score" else Study.score, *ordering]
 
     studies = session.execute(
         select(Study.id, Study.path, Study.body_part, Study.label, Study.score,
                Study.prediction, Study.status, Study.error)
         .where(*conditions)
-        .order_by(_by_path(session, Study.path))
+        .order_by(*ordering)
         .limit(limit)
     ).all()
     if not studies:
@@ -195,7 +220,7 @@ def job_results(*, session: Session, job_id: int, body_part: str | None = None,
     # The same selection as a subquery, not a list of ids: no bound-parameter limit.
     chosen = select(Study.id).where(*conditions)
     if limit is not None:
-        chosen = chosen.order_by(_by_path(session, Study.path)).limit(limit)
+        chosen = chosen.order_by(*ordering).limit(limit)
     views: dict[int, list[dict[str, Any]]] = {}
     for study_id, path, prob, error in session.execute(
         select(View.study_id, View.path, View.prob, View.error)
@@ -216,4 +241,63 @@ def job_results(*, session: Session, job_id: int, body_part: str | None = None,
             "views": views.get(s.id, []),
         }
         for s in studies
+    ]
+
+
+def job_timings(*, session: Session, job_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """For each job: seconds from creation to its finish (or to its last finished study
+    while running; None before any) and views handled per second over that time."""
+    if not job_ids:
+        return {}
+    last_done = dict(session.execute(
+        select(Study.job_id, func.max(Study.finished_at))
+        .where(Study.job_id.in_(job_ids), Study.status.in_((DONE, FAILED)))
+        .group_by(Study.job_id)
+    ).all())
+    handled = dict(session.execute(
+        select(Study.job_id, func.count(View.id))
+        .join(View, View.study_id == Study.id)
+        .where(Study.job_id.in_(job_ids))
+        .group_by(Study.job_id)
+    ).all())
+    timings: dict[int, dict[str, Any]] = {}
+    for job in session.scalars(select(Job).where(Job.id.in_(job_ids))):
+        end = job.finished_at or last_done.get(job.id)
+        duration = (end - job.created_at).total_seconds() if end is not None else None
+        views = handled.get(job.id, 0)
+        rate = views / duration if duration and duration > 0 and views else None
+        timings[job.id] = {"duration_s": duration, "images_per_s": rate}
+    return timings
+
+
+def study_outcomes(*, session: Session, job_id: int) -> list[dict[str, Any]]:
+    """Every study of a job as {path, body_part, label, score, status}, by path: what an
+    evaluation compares."""
+    rows = session.execute(
+        select(Study.path, Study.body_part, Study.label, Study.score, Study.status)
+        .where(Study.job_id == job_id)
+        .order_by(_by_path(session, Study.path))
+    )
+    return [dict(row._mapping) for row in rows]
+
+
+def latest_evaluation(*, session: Session, job_id: int) -> list[Evaluation]:
+    """The rows of a job's latest evaluation run: overall (body_part None) first, then by
+    body part; empty when the job was never evaluated."""
+    run = session.scalar(select(func.max(Evaluation.run)).where(Evaluation.job_id == job_id))
+    if run is None:
+        return []
+    return list(session.scalars(
+        select(Evaluation)
+        .where(Evaluation.job_id == job_id, Evaluation.run == run)
+        .order_by(Evaluation.body_part.is_not(None), Evaluation.body_part)
+    ))
+
+
+def list_models(*, session: Session) -> list[dict[str, Any]]:
+    """Every registered model, oldest first: name, sha256, path, created_at and metadata."""
+    return [
+        {"id": m.id, "name": m.name, "sha256": m.sha256, "path": m.path,
+         "created_at": _iso(m.created_at), "metadata": dict(m.meta or {})}
+        for m in session.scalars(select(Model).order_by(Model.id))
     ]

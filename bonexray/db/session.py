@@ -96,13 +96,16 @@ def _create_engine(url: URL) -> Engine:
     backend = url.get_backend_name()
     try:
         if backend == "sqlite":
-            engine = create_engine(url, connect_args={"timeout": 30})
+            # hide_parameters: an error's message (logged by Celery on retry) would otherwise
+            # carry bound values, study and view paths among them, which can name patients.
+            engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
             event.listen(engine, "connect", _set_sqlite_pragmas)
             return engine
         connect_args: dict[str, Any] = {}
         if backend == "postgresql" and "connect_timeout" not in url.query:
             connect_args["connect_timeout"] = 10
-        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        return create_engine(url, pool_pre_ping=True, connect_args=connect_args,
+                             hide_parameters=True)
     except (sa_exc.NoSuchModuleError, ImportError) as exc:
         raise DatabaseError(f"no driver for {masked_url(url)}: {exc}") from None
 

@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from bonexray.db.models import BatchStat as BatchStatRow
-from bonexray.db.models import Job, Model, Study, View, utcnow
+from bonexray.db.models import Evaluation, Job, Model, Study, View, utcnow
 from bonexray.results import EMPTY, FAILED, QUEUED, BatchStat, StudyResult
 from bonexray.studies import Study as FoundStudy
 
@@ -219,3 +219,33 @@ def finish_job_if_done(*, session: Session, job_id: int) -> bool:
         .values(finished_at=last or utcnow())
     )
     return True
+
+
+EVALUATION_FIGURES = ("accuracy", "f1", "kappa", "auroc", "sensitivity", "specificity")
+
+
+def _finite_or_none(value: Any) -> float | None:
+    number = float(value)
+    return number if number == number and abs(number) != float("inf") else None
+
+
+def save_evaluation(*, session: Session, job_id: int, groups: dict[str | None, dict[str, Any]],
+                    threshold: float, resamples: int, seed: int) -> int:
+    """Store one evaluation run of a job: a row per group (None = overall) with n,
+    positives, unscored, unlabelled, EVALUATION_FIGURES and their `<name>_ci` intervals
+    (undefined figures as NULL). Returns the run number (1 for a job's first)."""
+    last = session.scalar(select(func.max(Evaluation.run)).where(Evaluation.job_id == job_id))
+    run = (last or 0) + 1
+    now = utcnow()
+    for body_part, figures in groups.items():
+        ci = {name: [_finite_or_none(x) for x in figures[f"{name}_ci"]]
+              for name in EVALUATION_FIGURES}
+        session.add(Evaluation(
+            job_id=job_id, run=run, body_part=body_part, threshold=float(threshold),
+            n=int(figures["n"]), positives=int(figures["positives"]),
+            unscored=int(figures["unscored"]), unlabelled=int(figures.get("unlabelled", 0)),
+            ci=ci, resamples=resamples, seed=seed, created_at=now,
+            **{name: _finite_or_none(figures[name]) for name in EVALUATION_FIGURES},
+        ))
+    session.flush()
+    return run

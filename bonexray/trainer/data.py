@@ -20,19 +20,26 @@ FAILED = -1
 
 
 class TrainAugment:
-    """Random horizontal flip and rotation up to +-degrees, on uint8 [1,S,S] tensors."""
+    """MURA's augmentation on uint8 [1,S,S] tensors: a random lateral (horizontal) flip and
+    a rotation by up to +-`rotation` degrees, drawn from an explicit generator so that an
+    item's augmentation depends on (seed, epoch, item) only, not on DataLoader workers."""
 
     def __init__(self, rotation: float = 30.0, flip: bool = True) -> None:
-        steps: list[v2.Transform] = []
-        if flip:
-            steps.append(v2.RandomHorizontalFlip())
-        if rotation > 0:
-            steps.append(v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR,
-                                           fill=0))
-        self.transform = v2.Compose(steps) if steps else None
+        if rotation < 0:
+            raise ValueError(f"rotation must be >= 0 degrees, got {rotation}")
+        self.rotation = float(rotation)
+        self.flip = flip
 
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.transform(pixels) if self.transform is not None else pixels
+    def __call__(self, pixels: torch.Tensor,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        draws = torch.rand(2, generator=generator).tolist()
+        if self.flip and draws[0] < 0.5:
+            pixels = v2.functional.horizontal_flip(pixels)
+        if self.rotation > 0:
+            angle = (2.0 * draws[1] - 1.0) * self.rotation
+            pixels = v2.functional.rotate(pixels, angle,
+                                          interpolation=v2.InterpolationMode.BILINEAR, fill=0)
+        return pixels
 
 
 def check_header(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | None:
@@ -63,7 +70,7 @@ class ViewDataset(Dataset[tuple[torch.Tensor, float, int]]):
 
     def __init__(self, studies: Sequence[Study], *, image_size: int,
                  resize: str = DEFAULT_RESIZE, augment: TrainAugment | None = None,
-                 check: bool = True) -> None:
+                 check: bool = True, seed: int = 0) -> None:
         unlabelled = [s.path for s in studies if s.label is None]
         if unlabelled:
             raise ValueError(
@@ -74,6 +81,8 @@ class ViewDataset(Dataset[tuple[torch.Tensor, float, int]]):
         self.image_size = image_size
         self.resize = resize
         self.augment = augment
+        self.seed = seed
+        self.epoch = 0  # set by the trainer before each epoch; new workers see it
         self.items: list[tuple[str, int]] = []
         dropped: list[tuple[str, str]] = []
         for index, study in enumerate(self.studies):
@@ -103,9 +112,11 @@ class ViewDataset(Dataset[tuple[torch.Tensor, float, int]]):
             log.warning("view skipped: %s: %s", path, exc)
             return torch.zeros(1, self.image_size, self.image_size, dtype=torch.uint8), \
                 float("nan"), FAILED
-        tensor = torch.from_numpy(pixels).unsqueeze(0)
+        tensor = torch.from_numpy(pixels.copy()).unsqueeze(0)
         if self.augment is not None:
-            tensor = self.augment(tensor)
+            generator = torch.Generator().manual_seed(
+                (self.seed * 1_000_003 + self.epoch) * 10_000_019 + item)
+            tensor = self.augment(tensor, generator)
         return tensor, float(self.studies[index].label or 0), index
 
 

@@ -17,6 +17,7 @@ ARCHITECTURE = "densenet169"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INITS = ("default", "kaiming", "xavier")
+DENSE_BLOCKS = 4
 # Older torchvision DenseNet checkpoints name layers 'norm.1' where modules now say 'norm1';
 # the same pattern torchvision's own loader remaps.
 _LEGACY_KEY = re.compile(
@@ -171,17 +172,72 @@ def build_model(*, weights: str | None = None, head: tuple[int, ...] = (), dropo
     return net
 
 
+def parse_freeze(spec: str) -> int | None:
+    """Dense blocks left trainable: None for "none" (all of it trains), 0 for "backbone",
+    K for "all-but-K" (the last K of DenseNet's 4 dense blocks train, the rest is frozen)."""
+    text = spec.strip().lower()
+    if text == "none":
+        return None
+    if text in ("backbone", "all"):
+        return 0
+    if text.startswith("all-but-"):
+        try:
+            k = int(text[len("all-but-"):])
+        except ValueError:
+            k = -1
+        if 1 <= k <= DENSE_BLOCKS:
+            return k
+    raise ValueError(
+        f"unknown freeze {spec!r}; choose none, backbone or all-but-K with K in 1..{DENSE_BLOCKS}"
+    )
+
+
+def frozen_modules(net: nn.Module, spec: str) -> list[nn.Module]:
+    """The modules of a torchvision DenseNet that `spec` (see parse_freeze) freezes."""
+    keep = parse_freeze(spec)
+    if keep is None:
+        return []
+    features = net.features  # type: ignore[union-attr]
+    names = [name for name, _ in features.named_children()]
+    if keep == 0:
+        return [features]
+    # Everything before the first trainable dense block; its transitions and norm5 train.
+    first = f"denseblock{DENSE_BLOCKS - keep + 1}"
+    return [getattr(features, n) for n in names[: names.index(first)]]
+
+
 class BoneXRayNet(nn.Module):
-    """uint8 [N,1,H,W] -> abnormality logits [N]; used alike by training and export."""
+    """uint8 [N,1,H,W] -> abnormality logits [N]; used alike by training and export.
+
+    `BoneXRayNet(**checkpoint["head"])` rebuilds the network a checkpoint was trained with
+    (`layers` is the head's name in that dict; `freeze` only matters while training).
+    """
 
     def __init__(self, *, weights: str | None = None, head: tuple[int, ...] = (),
-                 dropout: float = 0.0, batch_norm: bool = False, init: str = "default") -> None:
+                 dropout: float = 0.0, batch_norm: bool = False, init: str = "default",
+                 layers: list[int] | tuple[int, ...] | None = None,
+                 freeze: str = "none") -> None:
         super().__init__()
+        if layers is not None:
+            if head and tuple(head) != tuple(layers):
+                raise ValueError(f"head {head} and layers {layers} disagree; give one")
+            head = tuple(layers)
         self.preprocess = Preprocess()
-        self.net = build_model(weights=weights, head=head, dropout=dropout,
+        self.net = build_model(weights=weights, head=tuple(head), dropout=dropout,
                                batch_norm=batch_norm, init=init)
+        self.frozen = frozen_modules(self.net, freeze)
+        for module in self.frozen:
+            for p in module.parameters():
+                p.requires_grad_(False)
         self.head_config = {"layers": list(head), "dropout": float(dropout),
                             "batch_norm": bool(batch_norm), "init": init}
+
+    def train(self, mode: bool = True) -> BoneXRayNet:
+        super().train(mode)
+        # A frozen part keeps its BatchNorm statistics too, not just its weights.
+        for module in self.frozen:
+            module.eval()
+        return self
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.net(self.preprocess(pixels)).squeeze(1)

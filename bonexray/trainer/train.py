@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -12,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -20,10 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bonexray.imaging import DEFAULT_RESIZE, RESIZE_RULES
-from bonexray.metrics import json_safe, metrics_by_group, study_scores
+from bonexray.metrics import choose_threshold, json_safe, metrics_by_group, study_scores
 from bonexray.studies import Study, find_studies
 from bonexray.trainer.data import TrainAugment, ViewDataset, collate_views
-from bonexray.trainer.model import ARCHITECTURE, INITS, BoneXRayNet
+from bonexray.trainer.model import ARCHITECTURE, INITS, BoneXRayNet, parse_freeze
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,12 @@ CHECKPOINT_FORMAT = 1
 SCRATCH_LR = 1e-3  # OneCycle peak from scratch (MEASURED.md)
 FINETUNE_LR = 1e-4  # MURA's Adam rate for ImageNet-initialised weights
 VALID_FRACTION = 0.2
+# auto: one-cycle from scratch, MURA's divide-by-10-on-plateau with initial weights.
+SCHEDULES = ("auto", "onecycle", "plateau", "cosine", "constant")
+# Settings a resumed run must share with the run it continues (epochs may grow).
+_RESUME_KEYS = ("data", "image_size", "batch_size", "lr", "weights", "seed", "rotation",
+                "flip", "head", "dropout", "batch_norm", "init", "resize", "freeze",
+                "schedule", "threshold")
 
 
 class TrainError(ValueError):
@@ -58,6 +65,10 @@ class TrainConfig:
     batch_norm: bool = False
     init: str = "default"
     resize: str = DEFAULT_RESIZE
+    freeze: str = "none"  # none, backbone, all-but-K (dense blocks that train)
+    threshold: str = "0.5"  # rule chosen on validation: a number, youden, sensitivity=X
+    schedule: str = "auto"
+    flip: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -80,6 +91,31 @@ class TrainConfig:
             )
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise TrainError(f"unknown device {self.device!r}; choose auto, cpu, cuda or cuda:N")
+        if self.schedule not in SCHEDULES:
+            raise TrainError(
+                f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TrainError(f"dropout {self.dropout} outside [0, 1)")
+        if any(w < 1 for w in self.head):
+            raise TrainError(f"head layer widths must be >= 1, got {list(self.head)}")
+        try:
+            parse_freeze(self.freeze)
+            choose_threshold([0, 1], [0.2, 0.8], self.threshold)  # the rule's form only
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+        if self.freeze != "none" and self.weights is None:
+            log.warning("freezing %s of a network that starts from random weights",
+                        self.freeze)
+
+
+class Progress(Protocol):
+    """What the trainer tells a progress display (the CLI's rich bar; nothing in tests)."""
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
+
+    def advance(self, loss: float, views_per_s: float) -> None: ...
+
+    def end_epoch(self, entry: dict[str, Any]) -> None: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -143,13 +179,12 @@ def class_weights(dataset: ViewDataset) -> torch.Tensor:
                          for s in dataset.studies], dtype=torch.float32)
 
 
-def _loader(dataset: ViewDataset, config: TrainConfig, *, shuffle: bool,
-            batch_size: int) -> DataLoader[Any]:
-    generator = torch.Generator()
-    generator.manual_seed(config.seed)
+def _loader(dataset: ViewDataset, config: TrainConfig, *, shuffle: bool, batch_size: int,
+            generator: torch.Generator | None = None) -> DataLoader[Any]:
+    # Training workers are not persistent: each epoch's workers must see dataset.epoch.
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                       num_workers=config.workers, collate_fn=collate_views,
-                      generator=generator, persistent_workers=config.workers > 0,
+                      generator=generator, persistent_workers=config.workers > 0 and not shuffle,
                       pin_memory=torch.cuda.is_available())
 
 
@@ -158,47 +193,54 @@ def _autocast(device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def _memory_format(device: torch.device) -> torch.memory_format:
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader[Any], weights: torch.Tensor,
                     optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
-                    *, max_steps: int | None, epoch: int, step_scheduler: bool) -> float:
+                    *, max_steps: int | None, epoch: int, step_scheduler: bool,
+                    progress: Progress | None = None) -> float:
     """One pass over the training views; the mean weighted loss."""
     model.train()
     total, seen, started = 0.0, 0, time.monotonic()
     weights = weights.to(device)
-    memory = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory = _memory_format(device)
     for step, (pixels, labels, study_idx) in enumerate(loader):
         if max_steps is not None and step >= max_steps:
             break
-        if pixels.shape[0] == 0:
-            continue
-        pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=memory)
-        labels = labels.to(device, non_blocking=True)
-        w = weights[study_idx.to(device)].gather(1, labels.long().unsqueeze(1)).squeeze(1)
-        with _autocast(device):
-            logits = model(pixels)
-        loss_each = nn.functional.binary_cross_entropy_with_logits(
-            logits.float(), labels, reduction="none")
-        loss = (loss_each * w).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if pixels.shape[0] > 0:
+            pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=memory)
+            labels = labels.to(device, non_blocking=True)
+            # MURA's loss: each view's BCE weighted by its body part's class share.
+            w = weights[study_idx.to(device)].gather(1, labels.long().unsqueeze(1)).squeeze(1)
+            with _autocast(device):
+                logits = model(pixels)
+            loss_each = nn.functional.binary_cross_entropy_with_logits(
+                logits.float(), labels, reduction="none")
+            loss = (loss_each * w).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * pixels.shape[0]
+            seen += pixels.shape[0]
         if step_scheduler:
-            scheduler.step()
-        total += float(loss.detach()) * pixels.shape[0]
-        seen += pixels.shape[0]
+            scheduler.step()  # every step, even an empty one, so one-cycle ends on time
+        rate = seen / max(time.monotonic() - started, 1e-9)
+        if progress is not None:
+            progress.advance(total / seen if seen else float("nan"), rate)
         if step % 50 == 0:
             log.info("epoch %d step %d loss %.4f (%.1f views/s)", epoch + 1, step,
-                     float(loss.detach()),
-                     seen / max(time.monotonic() - started, 1e-9))
+                     total / seen if seen else float("nan"), rate)
     return total / seen if seen else float("nan")
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader[Any], dataset: ViewDataset,
-             device: torch.device, *, threshold: float = 0.5) -> dict[str, Any]:
-    """Study-level metrics (mean of view probabilities), overall and by body part."""
+def predict_studies(model: nn.Module, loader: DataLoader[Any], dataset: ViewDataset,
+                    device: torch.device) -> dict[str, Any]:
+    """Study scores (mean of view probabilities) with labels and body parts, and view loss."""
     model.eval()
-    memory = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory = _memory_format(device)
     probs: list[float] = []
     owners: list[int] = []
     loss_sum, n = 0.0, 0
@@ -217,14 +259,31 @@ def evaluate(model: nn.Module, loader: DataLoader[Any], dataset: ViewDataset,
     missing = len(dataset.studies) - len(scores)
     if missing:
         log.warning("%d validation studies have no decodable view; left out", missing)
-    ids = sorted(scores)
+    ids = sorted(scores)  # type: ignore[type-var]
     studies = [dataset.studies[int(i)] for i in ids]  # type: ignore[call-overload]
-    labels_ = [int(s.label or 0) for s in studies]
-    values = [scores[i] for i in ids]
-    grouped = metrics_by_group(labels_, values, [s.body_part or "unknown" for s in studies],
-                               threshold)
-    return {**grouped["overall"], "loss": loss_sum / n if n else float("nan"),
-            "views": n, "by_body_part": grouped["by_group"]}
+    return {"labels": [int(s.label or 0) for s in studies], "scores": [scores[i] for i in ids],
+            "parts": [s.body_part or "unknown" for s in studies],
+            "loss": loss_sum / n if n else float("nan"), "views": n}
+
+
+def evaluate(model: nn.Module, loader: DataLoader[Any], dataset: ViewDataset,
+             device: torch.device, *, threshold: float | str = 0.5) -> dict[str, Any]:
+    """Study-level metrics (mean of view probabilities), overall and by body part.
+
+    `threshold` is a number or a rule (see metrics.choose_threshold) applied to these very
+    scores; the threshold used is in the result.
+    """
+    pred = predict_studies(model, loader, dataset, device)
+    if not pred["labels"]:
+        raise TrainError("no validation study has a decodable view")
+    try:
+        value = choose_threshold(pred["labels"], pred["scores"], str(threshold))
+    except ValueError as exc:  # a rule that needs both classes, on one-class data
+        log.warning("threshold rule %r not applicable (%s); using 0.5", threshold, exc)
+        value = 0.5
+    grouped = metrics_by_group(pred["labels"], pred["scores"], pred["parts"], value)
+    return {**grouped["overall"], "loss": pred["loss"], "views": pred["views"],
+            "threshold": value, "by_body_part": grouped["by_group"]}
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
@@ -233,14 +292,135 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Train, validate every epoch, write last.pt / best.pt / history.json under config.out."""
+HISTORY_COLUMNS = ("epoch", "train_loss", "valid_loss", "auroc", "kappa", "accuracy", "f1",
+                   "sensitivity", "specificity", "threshold", "lr", "seconds")
+
+
+def write_history(out: Path, history: list[dict[str, Any]]) -> None:
+    """history.json (everything), history.csv (one flat row per epoch) and curves.png."""
+    (out / "history.json").write_text(json.dumps(history, indent=2, allow_nan=False))
+    with (out / "history.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(HISTORY_COLUMNS)
+        for h in history:
+            v = h["valid"]
+            writer.writerow([h["epoch"], h["train_loss"], v.get("loss"), v.get("auroc"),
+                             v.get("kappa"), v.get("accuracy"), v.get("f1"),
+                             v.get("sensitivity"), v.get("specificity"), v.get("threshold"),
+                             h["lr"], h["seconds"]])
+    plot_curves(history, out / "curves.png")
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Learning curves (losses; validation AUROC, kappa, accuracy) as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no %s (pip install 'bonexray[train]')",
+                    path.name)
+        return
+
+    def series(key: str, valid: bool = True) -> list[float]:
+        return [float("nan") if (x := (h["valid"] if valid else h).get(key)) is None else x
+                for h in history]
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    left.plot(epochs, series("train_loss", valid=False), "o-", label="train (weighted)")
+    left.plot(epochs, series("loss"), "o-", label="valid")
+    left.set(xlabel="epoch", ylabel="BCE loss", title="loss")
+    left.legend()
+    for key in ("auroc", "kappa", "accuracy"):
+        right.plot(epochs, series(key), "o-", label=key)
+    right.set(xlabel="epoch", ylim=(min(0.0, *[x for x in series("kappa") if x == x]), 1.0),
+              title="validation (study level)")
+    right.legend()
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _optimizer_and_schedule(config: TrainConfig, model: nn.Module,
+                            steps: int) -> tuple[torch.optim.Optimizer, Any, bool, float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    schedule = config.schedule
+    if schedule == "auto":
+        schedule = "onecycle" if config.weights is None else "plateau"
+    if config.weights is None:
+        lr = config.lr or SCRATCH_LR
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr)
+    else:  # MURA: Adam with its default betas, lr 1e-4
+        lr = config.lr or FINETUNE_LR
+        optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    total = max(1, steps * config.epochs)
+    scheduler: Any
+    if schedule == "onecycle":
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total)
+        return optimizer, scheduler, True, lr
+    if schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return optimizer, scheduler, True, lr
+    if schedule == "constant":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        return optimizer, scheduler, True, lr
+    # MURA: divide by 10 each time the validation loss has not improved for an epoch.
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
+                                                           patience=1)
+    return optimizer, scheduler, False, lr
+
+
+def config_as_plain_data(config: TrainConfig) -> dict[str, Any]:
+    """The config as plain data (torch.load's weights_only accepts it)."""
+    data = dataclasses.asdict(config)
+    data["head"] = list(config.head)
+    return data
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    now = config_as_plain_data(config)
+    differ = [k for k in _RESUME_KEYS if saved.get(k, now[k]) != now[k]]
+    if differ:
+        pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ)
+        raise TrainError(f"cannot resume {path}: the run was trained with other settings "
+                         f"({pairs})")
+    schedule = config.schedule if config.schedule != "auto" else (
+        "onecycle" if config.weights is None else "plateau")
+    if schedule in ("onecycle", "cosine") and saved.get("epochs") != config.epochs:
+        raise TrainError(f"cannot resume {path} with --epochs {config.epochs}: its {schedule} "
+                         f"schedule was laid out for {saved.get('epochs')} epochs")
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % 2**63
+
+
+def train(config: TrainConfig, *, resume: bool = False,
+          progress: Progress | None = None) -> dict[str, Any]:
+    """Train, validate every epoch, write last.pt / best.pt / history.* under config.out.
+
+    resume: continue from OUT/last.pt (same settings; --epochs may grow unless the
+    schedule is laid out per step), with its weights, optimizer, schedule and history.
+    """
     data = Path(config.data).expanduser().resolve()
     config = dataclasses.replace(config, data=str(data))
     out = Path(config.out).expanduser().resolve()
+    config = dataclasses.replace(config, out=str(out))
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     device = pick_device(config.device)
+    state: dict[str, Any] | None = None
+    if resume:
+        last = out / "last.pt"
+        if not last.is_file():
+            raise TrainError(f"cannot resume: {last} not found")
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        _check_resumable(state.get("config") or {}, config, last)
 
     train_studies, valid_studies = split_studies(find_studies(data), config.seed)
     if not train_studies or not valid_studies:
@@ -248,8 +428,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
             f"{data}: need labelled studies for training and validation, found "
             f"{len(train_studies)} and {len(valid_studies)}"
         )
+    augment = TrainAugment(config.rotation, flip=config.flip)
     train_set = ViewDataset(train_studies, image_size=config.image_size, resize=config.resize,
-                            augment=TrainAugment(config.rotation))
+                            augment=augment, seed=config.seed)
     valid_set = ViewDataset(valid_studies, image_size=config.image_size, resize=config.resize)
     if len(train_set) == 0 or len(valid_set) == 0:
         raise TrainError(f"{data}: no readable views ({len(train_set)} train, "
@@ -257,51 +438,71 @@ def train(config: TrainConfig) -> dict[str, Any]:
     log.info("training on %d views of %d studies, validating on %d views of %d studies, %s",
              len(train_set), len(train_studies), len(valid_set), len(valid_studies), device)
     weights = class_weights(train_set)
-    train_loader = _loader(train_set, config, shuffle=True, batch_size=config.batch_size)
+    shuffle_rng = torch.Generator()
+    train_loader = _loader(train_set, config, shuffle=True, batch_size=config.batch_size,
+                           generator=shuffle_rng)
     valid_loader = _loader(valid_set, config, shuffle=False, batch_size=config.batch_size * 2)
 
-    model = BoneXRayNet(weights=config.weights, head=config.head, dropout=config.dropout,
-                        batch_norm=config.batch_norm, init=config.init).to(device)
+    model = BoneXRayNet(weights=None if state else config.weights, head=config.head,
+                        dropout=config.dropout, batch_norm=config.batch_norm, init=config.init,
+                        freeze=config.freeze).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     steps = len(train_loader) if config.max_steps is None else min(len(train_loader),
                                                                    config.max_steps)
-    scheduler: Any
-    if config.weights is None:
-        lr = config.lr or SCRATCH_LR
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=max(1, steps * config.epochs))
-        per_step = True
-    else:
-        lr = config.lr or FINETUNE_LR
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=0.1, patience=1)
-        per_step = False
+    optimizer, scheduler, per_step, lr = _optimizer_and_schedule(config, model, steps)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("%d of %d parameters train (freeze %s); %s, lr %g, %s schedule",
+             trainable, sum(p.numel() for p in model.parameters()), config.freeze,
+             type(optimizer).__name__, lr, type(scheduler).__name__)
 
-    config_dict = dataclasses.asdict(config)
-    config_dict["head"] = list(config.head)
+    config_dict = config_as_plain_data(config)
     history: list[dict[str, Any]] = []
     best_key, best_epoch, best_metrics = -math.inf, -1, {}
-    for epoch in range(config.epochs):
+    first = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history = list(state.get("history") or [])
+        best_epoch = int(state.get("best_epoch", -1))
+        best_key = state.get("best_auroc") if state.get("best_auroc") is not None else -math.inf
+        best_metrics = dict(state.get("best_metrics") or {})
+        first = int(state["epoch"])
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
+        log.info("resuming %s after epoch %d of %d", out / "last.pt", first, config.epochs)
+        if first >= config.epochs:
+            log.info("nothing to do: %d epochs already trained", first)
+
+    for epoch in range(first, config.epochs):
         started = time.monotonic()
+        train_set.epoch = epoch
+        shuffle_rng.manual_seed(_epoch_seed(config.seed, epoch))
+        if progress is not None:
+            progress.start_epoch(epoch + 1, config.epochs, steps)
         train_loss = train_one_epoch(model, train_loader, weights, optimizer, scheduler,
                                      device, max_steps=config.max_steps, epoch=epoch,
-                                     step_scheduler=per_step)
-        metrics = evaluate(model, valid_loader, valid_set, device)
+                                     step_scheduler=per_step, progress=progress)
+        metrics = evaluate(model, valid_loader, valid_set, device, threshold=config.threshold)
         if not per_step:
             scheduler.step(metrics["loss"])
         seconds = time.monotonic() - started
-        entry = {"epoch": epoch + 1, "train_loss": train_loss, "seconds": round(seconds, 2),
-                 "lr": optimizer.param_groups[0]["lr"], "valid": metrics}
-        history.append(json_safe(entry))
+        entry = json_safe({"epoch": epoch + 1, "train_loss": train_loss,
+                           "seconds": round(seconds, 2),
+                           "lr": optimizer.param_groups[0]["lr"], "valid": metrics})
+        history.append(entry)
+        if progress is not None:
+            progress.end_epoch(entry)
         log.info("epoch %d/%d: train loss %.4f, valid loss %.4f, AUROC %.4f, kappa %.4f, "
-                 "accuracy %.4f (%.0f s)", epoch + 1, config.epochs, train_loss,
-                 metrics["loss"], metrics["auroc"], metrics["kappa"], metrics["accuracy"],
-                 seconds)
+                 "accuracy %.4f at threshold %.3g (%.0f s)", epoch + 1, config.epochs,
+                 train_loss, metrics["loss"], metrics["auroc"], metrics["kappa"],
+                 metrics["accuracy"], metrics["threshold"], seconds)
         auroc = metrics["auroc"]
         key = auroc if not math.isnan(auroc) else -math.inf
+        is_best = best_epoch < 0 or key > best_key
+        if is_best:
+            best_key, best_epoch, best_metrics = key, epoch + 1, json_safe(metrics)
         payload = {
             "format": CHECKPOINT_FORMAT,
             "model": model.state_dict(),
@@ -312,20 +513,26 @@ def train(config: TrainConfig) -> dict[str, Any]:
             "architecture": ARCHITECTURE,
             "image_size": config.image_size,
             "resize": config.resize,
-            "threshold": 0.5,
+            "threshold": float(metrics["threshold"]),
+            "threshold_rule": config.threshold,
             "metrics": json_safe(metrics),
             "head": dict(model.head_config),
+            "history": history,
+            "best_epoch": best_epoch,
+            "best_auroc": None if best_key == -math.inf else best_key,
+            "best_metrics": best_metrics,
+            "rng": torch.get_rng_state(),
         }
         _save(out / "last.pt", payload)
-        if best_epoch < 0 or key > best_key:
-            best_key, best_epoch, best_metrics = key, epoch + 1, metrics
+        if is_best:
             _save(out / "best.pt", payload)
             log.info("epoch %d is the best so far (valid AUROC %.4f)", epoch + 1, auroc)
-        (out / "history.json").write_text(json.dumps(history, indent=2, allow_nan=False))
+        write_history(out, history)
     return json_safe({
         "best_epoch": best_epoch,
         "best_auroc": best_metrics.get("auroc"),
         "best_metrics": best_metrics,
+        "threshold": best_metrics.get("threshold"),
         "epochs": config.epochs,
         "device": str(device),
         "train_views": len(train_set),
@@ -333,4 +540,5 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "best": str(out / "best.pt"),
         "last": str(out / "last.pt"),
         "history": str(out / "history.json"),
+        "curves": str(out / "curves.png"),
     })

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import Celery
@@ -21,6 +22,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A SIGKILLed solo/main worker rejects nothing: its unacked chunk returns only after
         # this many seconds. Producers and workers must agree on it.
         "visibility_timeout": settings.visibility_timeout,
+        # kombu sweeps for such messages only every interval x throttle seconds (10 x 10 by
+        # default): 100 s on top of the timeout. Sweep every interval, a fraction of it.
+        "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 6)),
+        "unacked_restore_throttle": 1,
     }
     return {
         "broker_url": settings.broker_url,
@@ -32,9 +37,21 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,  # results live in SQL
         "result_backend": None,
         "task_default_queue": settings.queue,
+        # A chunk is acknowledged after it ran, and a chunk whose pool process died is put
+        # back: nothing is lost, and upserts make a second run change nothing.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # A chunk that failed every retry is acknowledged (its studies are marked failed with
+        # the reason first), not redelivered forever.
+        "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
+        # On a lost broker connection running chunks finish and write their results; their
+        # messages come back after the visibility timeout and rewrite the same rows.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # Publishing (enqueue, requeue, retries) rides out a short broker restart.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 10, "interval_start": 0.5,
+                                      "interval_step": 1.0, "interval_max": 5.0},
         "worker_hijack_root_logger": False,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -52,13 +69,34 @@ def create_app(settings: Settings | None = None) -> Celery:
 app = create_app()
 
 
+def pin_process_gpu(process_index: int) -> int | None:
+    """Pin this pool process to its GPU (one process per GPU of BONEXRAY_GPUS)."""
+    from bonexray.worker.inference import device_for_process, parse_gpus
+
+    gpus = parse_gpus(get_settings().gpus)
+    if not gpus:
+        return None
+    device = device_for_process(gpus, process_index)
+    os.environ["BONEXRAY_CUDA_DEVICE"] = str(device)
+    get_settings.cache_clear()
+    log.info("pool process %d pinned to GPU %d", process_index, device)
+    return device
+
+
 @worker_process_init.connect
 def _open_resources(**_: Any) -> None:
     # Engines and ORT sessions must be made after fork; CUDA contexts and sockets do not
     # survive it. The engine is opened (and the schema checked) now; models load on first use.
-    from bonexray.db.session import open_database
+    from celery.utils.log import current_process_index
 
-    open_database(get_settings().database_url)
+    from bonexray.db.session import DatabaseError, open_database
+
+    pin_process_gpu(current_process_index() or 0)
+    try:
+        open_database(get_settings().database_url)
+    except DatabaseError as exc:
+        # Not fatal here: each chunk opens the database again and retries while it is down.
+        log.warning("database not reachable at process start: %s", exc)
 
 
 @worker_process_shutdown.connect

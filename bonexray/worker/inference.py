@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -75,7 +77,49 @@ def requested_providers(settings: Settings) -> list[str]:
 
 def nvidia_device_present() -> bool:
     """True where the NVIDIA driver exposes a device (also inside a GPU container)."""
-    return any(os.path.exists(p) for p in ("/dev/nvidia0", "/proc/driver/nvidia/version"))
+    return bool(nvidia_device_ids()) or os.path.exists("/proc/driver/nvidia/version")
+
+
+def nvidia_device_ids() -> list[int]:
+    """Indices of the NVIDIA devices this process can see (/dev/nvidiaN)."""
+    found = []
+    try:
+        names = os.listdir("/dev")
+    except OSError:
+        return []
+    for name in names:
+        if name.startswith("nvidia") and name[6:].isdigit():
+            found.append(int(name[6:]))
+    return sorted(found)
+
+
+def parse_gpus(spec: str) -> list[int]:
+    """GPU indices from a --gpus / BONEXRAY_GPUS value: "", "all", or "0,2,3"."""
+    spec = spec.strip().lower()
+    if not spec:
+        return []
+    if spec == "all":
+        ids = nvidia_device_ids()
+        if not ids:
+            raise ProviderError("--gpus all: no NVIDIA device (/dev/nvidiaN) on this machine")
+        return ids
+    try:
+        ids = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise ProviderError(f"--gpus {spec!r}: expected all or a list like 0,1,3") from None
+    if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise ProviderError(f"--gpus {spec!r}: indices must be distinct and >= 0")
+    return ids
+
+
+def device_for_process(gpus: Sequence[int], process_index: int) -> int:
+    """The GPU a worker's pool process `process_index` is pinned to."""
+    return gpus[process_index % len(gpus)]
+
+
+def session_providers(wanted: Sequence[str], settings: Settings) -> list[Any]:
+    """Provider list with options: the CUDA provider gets this process's device."""
+    return [(CUDA, {"device_id": settings.cuda_device}) if p == CUDA else p for p in wanted]
 
 
 class Classifier:
@@ -100,7 +144,8 @@ class Classifier:
         options.inter_op_num_threads = 1
         wanted = requested_providers(settings)
         try:
-            self.session = ort.InferenceSession(data, sess_options=options, providers=wanted)
+            self.session = ort.InferenceSession(data, sess_options=options,
+                                                providers=session_providers(wanted, settings))
         except Exception as exc:  # onnxruntime raises its own untyped errors
             first = " ".join(str(exc).split())[:300]
             raise ModelLoadError(f"model {path} is not a loadable ONNX model: {first}") from None
@@ -127,9 +172,10 @@ class Classifier:
             raise ModelLoadError(f"model {path}: expected a uint8 input named {INPUT_NAME!r}")
         if OUTPUT_PROB not in outputs:
             raise ModelLoadError(f"model {path}: expected an output named {OUTPUT_PROB!r}")
-        log.info("model %s (sha256 %s…, %s, %d px) on %s with %d intra-op threads",
+        device = f" device {settings.cuda_device}" if self.provider == CUDA else ""
+        log.info("model %s (sha256 %s…, %s, %d px) on %s%s with %d intra-op threads",
                  Path(path).name, self.sha256[:12], self.info.architecture,
-                 self.info.input_size, self.provider, options.intra_op_num_threads)
+                 self.info.input_size, self.provider, device, options.intra_op_num_threads)
 
     @property
     def input_size(self) -> int:

@@ -13,6 +13,7 @@ import numpy as np
 
 from bonexray.imaging import ImageError, load_view
 from bonexray.results import DONE, EMPTY, FAILED, BatchStat, StudyResult, StudyTask, ViewResult
+from bonexray.security import check_view
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,8 @@ class PipelineOptions:
     prefetch_views: int = 64
     max_image_pixels: int = 89_478_485
     aggregation: str | None = None  # None: the model's own (metadata), else "mean" / "max"
+    # Real paths of BONEXRAY_DATA_ROOTS; a view outside them (or linking out) fails unread.
+    data_roots: tuple[str, ...] = ()
 
 
 def aggregate(probs: Sequence[float], how: str) -> float:
@@ -72,6 +75,7 @@ def classify_studies(
     stats: list[BatchStat] = []
 
     def decode(path: str) -> np.ndarray:
+        check_view(path, opts.data_roots)
         return load_view(path, input_size, resize, max_pixels=opts.max_image_pixels)
 
     batch = np.empty((max(1, opts.batch_size), 1, input_size, input_size), dtype=np.uint8)

@@ -16,7 +16,9 @@ from sqlalchemy.engine import Engine
 from bonexray.db import store
 from bonexray.db.models import Model
 from bonexray.db.session import session_scope
+from bonexray.modelstore import local_model_path
 from bonexray.results import DONE, FAILED, BatchStat, StudyTask
+from bonexray.security import parse_data_roots
 from bonexray.settings import Settings
 from bonexray.worker.inference import Classifier, ModelLoadError
 from bonexray.worker.pipeline import PipelineOptions, classify_studies
@@ -44,13 +46,15 @@ def worker_name() -> str:
 
 def get_classifier(model: Model, settings: Settings) -> Classifier:
     """This process's session for a registered model, built once and sha256-checked."""
-    key = (os.getpid(), model.sha256, model.path)
+    path = local_model_path(registered_path=model.path, sha256=model.sha256,
+                            store_dir=settings.model_store)
+    key = (os.getpid(), model.sha256, path)
     with _lock:
         cached = _classifiers.get(key)
         if cached is not None:
             _classifiers.move_to_end(key)
             return cached
-        classifier = Classifier(model.path, settings=settings, expected_sha256=model.sha256)
+        classifier = Classifier(path, settings=settings, expected_sha256=model.sha256)
         _classifiers[key] = classifier
         while len(_classifiers) > _MAX_MODELS:
             _classifiers.popitem(last=False)
@@ -63,6 +67,7 @@ def pipeline_options(settings: Settings) -> PipelineOptions:
         decode_threads=settings.decode_threads,
         prefetch_views=settings.prefetch_views,
         max_image_pixels=settings.max_image_pixels,
+        data_roots=parse_data_roots(settings.data_roots),
     )
 
 

@@ -6,7 +6,8 @@ import logging
 from typing import Any
 
 from celery import Task
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from bonexray.db.session import DatabaseError, open_database, session_scope
 from bonexray.results import StudyTask
@@ -24,10 +25,16 @@ def retry_countdown(retries: int, visibility_timeout: int) -> int:
     return int(max(1, min(2 ** (retries + 1), 60, visibility_timeout // 4)))
 
 
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, OperationalError | DatabaseError):
+def is_transient(exc: BaseException) -> bool:
+    """Errors that heal by themselves: the database unreachable, restarting, or locked."""
+    if isinstance(exc, OperationalError | InterfaceError | DisconnectionError |
+                  PoolTimeoutError | DatabaseError):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 @app.task(name=TASK_CLASSIFY, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -42,15 +49,20 @@ def classify_chunk(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         summary = process_chunk(engine=engine, job_id=job_id, model_id=model_id, tasks=tasks,
                                 settings=settings, worker=worker_name())
     except ModelLoadError as exc:
-        # Not transient: the chunk's studies were marked failed with the reason.
+        # Not transient (a changed or missing model file): fail the chunk's studies with the
+        # reason; retrying would not heal it. mark_failed only touches studies still queued.
         log.error("job %d: chunk failed: %s", job_id, exc)
+        _fail_chunk(job_id, tasks, str(exc))
         return {"job": job_id, "studies": len(tasks), "error": str(exc)}
     except Exception as exc:
-        if not _is_transient(exc):
+        if not is_transient(exc):
+            # A bug or a broken model output: account for the studies, then let Celery log
+            # the traceback. A bad image never lands here (it fails its view in the pipeline).
+            _fail_chunk(job_id, tasks, f"worker error: {type(exc).__name__}: {_one_line(exc)}")
             raise
         if self.request.retries >= settings.max_retries:
-            _fail_chunk(job_id, tasks, f"database unavailable after {settings.max_retries} "
-                        f"retries: {' '.join(str(exc).split())[:200]}")
+            _fail_chunk(job_id, tasks, f"database error after {settings.max_retries} "
+                        f"retries: {type(exc).__name__}: {_one_line(exc)}")
             raise
         countdown = retry_countdown(self.request.retries, settings.visibility_timeout)
         log.warning("job %d: database unavailable (%s); retry %d/%d in %d s", job_id,
@@ -68,7 +80,13 @@ def _fail_chunk(job_id: int, tasks: list[StudyTask], error: str) -> None:
         with session_scope(engine) as session:
             store.mark_failed(session=session, study_ids=[t.id for t in tasks], error=error,
                               worker=worker_name())
+    except Exception as exc:
+        log.error("job %d: could not record the failed chunk (%s); its studies stay queued: "
+                  "`bonexray requeue %d` sends them again", job_id, _one_line(exc), job_id)
+        return
+    try:
+        # Separately: the job row may be what is locked; the failures above are recorded.
+        with session_scope(engine) as session:
             store.finish_job_if_done(session=session, job_id=job_id)
-    except Exception:
-        log.exception("job %d: could not record the failed chunk (studies stay queued; "
-                      "`bonexray requeue %d` sends them again)", job_id, job_id)
+    except Exception as exc:
+        log.warning("job %d: could not stamp the job's finish time: %s", job_id, _one_line(exc))

@@ -24,7 +24,8 @@ from bonexray.db.session import (
     upgrade_schema,
 )
 
-TABLES = {"models", "jobs", "studies", "views", "batch_stats", "alembic_version"}
+TABLES = {"models", "jobs", "studies", "views", "batch_stats", "evaluations",
+          "alembic_version"}
 
 
 def _check_schema(engine: Engine) -> None:

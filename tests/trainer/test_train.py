@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
+from bonexray.metrics import choose_threshold
 from bonexray.studies import find_studies
 from bonexray.trainer.data import FAILED, TrainAugment, ViewDataset, collate_views
 from bonexray.trainer.model import (
@@ -18,9 +21,19 @@ from bonexray.trainer.model import (
     Preprocess,
     WeightsError,
     build_model,
+    frozen_modules,
     imagenet_weights_path,
+    parse_freeze,
 )
-from bonexray.trainer.train import TrainConfig, TrainError, class_weights, split_studies, train
+from bonexray.trainer.train import (
+    TrainConfig,
+    TrainError,
+    class_weights,
+    pick_device,
+    predict_studies,
+    split_studies,
+    train,
+)
 
 
 def draw_view(abnormal: bool, rng: np.random.Generator, size: tuple[int, int] = (72, 56)) -> \
@@ -195,3 +208,114 @@ def test_train_one_short_epoch(mura: Path, tmp_path: Path) -> None:
 def test_train_refuses_data_without_studies(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="need labelled studies"):
         train(TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), epochs=1, workers=0))
+
+
+def test_head_dict_rebuilds_the_network() -> None:
+    model = BoneXRayNet(head=(16, 8), dropout=0.3, batch_norm=True, init="xavier")
+    again = BoneXRayNet(**model.head_config)
+    again.load_state_dict(model.state_dict())  # same modules, same shapes
+    assert again.head_config == model.head_config
+    with pytest.raises(ValueError, match="disagree"):
+        BoneXRayNet(head=(4,), layers=[8])
+
+
+def test_freeze_keeps_weights_and_batchnorm_statistics() -> None:
+    assert parse_freeze("none") is None and parse_freeze("backbone") == 0
+    assert parse_freeze("all-but-2") == 2
+    with pytest.raises(ValueError, match="all-but-K"):
+        parse_freeze("all-but-5")
+    model = BoneXRayNet(freeze="all-but-1").train()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(n.startswith(("net.features.denseblock4", "net.features.norm5",
+                                       "net.classifier")) for n in names)
+    assert not model.net.features.denseblock3.training
+    assert model.net.features.denseblock4.training
+    frozen = dict(model.net.features.norm0.named_buffers())["running_mean"].clone()
+    model(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
+    torch.testing.assert_close(model.net.features.norm0.running_mean, frozen)
+    head_only = BoneXRayNet(freeze="backbone")
+    assert {n.split(".")[1] for n, p in head_only.named_parameters()
+            if p.requires_grad} == {"classifier"}
+    assert frozen_modules(BoneXRayNet().net, "none") == []
+
+
+def test_augmentation_depends_on_seed_epoch_and_item(mura: Path) -> None:
+    ds = ViewDataset(find_studies(mura), image_size=32, augment=TrainAugment(30), seed=1)
+    first = torch.stack([ds[i][0] for i in range(6)])
+    again = torch.stack([ds[i][0] for i in range(6)])
+    assert torch.equal(first, again)
+    ds.epoch = 1
+    assert not torch.equal(first, torch.stack([ds[i][0] for i in range(6)]))
+    plain = ViewDataset(find_studies(mura), image_size=32)
+    assert not torch.equal(first, torch.stack([plain[i][0] for i in range(6)]))
+
+
+def test_threshold_rule_is_chosen_on_validation(mura: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = train(TrainConfig(data=str(mura), out=str(out), epochs=1, image_size=32,
+                                batch_size=4, max_steps=2, workers=0, threshold="youden"))
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    model = BoneXRayNet(**ckpt["head"])
+    model.load_state_dict(ckpt["model"])
+    valid = [s for s in find_studies(mura) if s.split == "valid"]
+    ds = ViewDataset(valid, image_size=32)
+    pred = predict_studies(model, DataLoader(ds, batch_size=8, collate_fn=collate_views), ds,
+                           pick_device("cpu"))
+    want = choose_threshold(pred["labels"], pred["scores"], "youden")
+    assert ckpt["threshold"] == pytest.approx(want)
+    assert ckpt["threshold_rule"] == "youden" and summary["threshold"] == pytest.approx(want)
+    assert ckpt["metrics"]["threshold"] == pytest.approx(want)
+    assert (out / "history.csv").read_text().splitlines()[0].startswith("epoch,train_loss")
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(TrainError, match="sensitivity=X"):
+        TrainConfig(data=str(mura), out=str(out), threshold="median")
+
+
+def test_resume_continues_exactly(mura: Path, tmp_path: Path) -> None:
+    def config(out: Path, epochs: int, **kw: object) -> TrainConfig:
+        return TrainConfig(data=str(mura), out=str(out), epochs=epochs, image_size=32,
+                           batch_size=4, max_steps=2, workers=0, schedule="constant",
+                           lr=1e-3, head=(8,), dropout=0.5, **kw)  # type: ignore[arg-type]
+
+    train(config(tmp_path / "straight", 2))
+    train(config(tmp_path / "split", 1))
+    summary = train(config(tmp_path / "split", 2), resume=True)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert b["epoch"] == 2 and [h["epoch"] for h in b["history"]] == [1, 2]
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
+    assert summary["best_epoch"] in (1, 2)
+    with pytest.raises(TrainError, match="image_size: 32 -> 48"):
+        train(dataclasses.replace(config(tmp_path / "split", 3), image_size=48), resume=True)
+    cycle = dataclasses.replace(config(tmp_path / "cycle", 1), schedule="onecycle")
+    train(cycle)
+    with pytest.raises(TrainError, match="laid out for 1 epochs"):
+        train(dataclasses.replace(cycle, epochs=2), resume=True)
+    with pytest.raises(TrainError, match="not found"):
+        train(config(tmp_path / "nothing", 1), resume=True)
+
+
+def test_cli_train_variants(mura: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bonexray.cli import cli
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(cli, [
+        "train", str(mura), "--out", str(out), "--epochs", "1", "--image-size", "32",
+        "--batch-size", "4", "--max-steps", "2", "--workers", "0", "--head", "16,8",
+        "--dropout", "0.2", "--batch-norm", "--init", "kaiming", "--freeze", "all-but-2",
+        "--threshold", "sensitivity=0.9", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["head"] == {"layers": [16, 8], "dropout": 0.2, "batch_norm": True,
+                            "init": "kaiming"}
+    assert ckpt["config"]["freeze"] == "all-but-2"
+    assert ckpt["config"]["out"] == str(out.resolve())
+    assert summary["threshold"] == ckpt["threshold"]
+    bad = CliRunner().invoke(cli, ["train", str(mura), "--out", str(out), "--head", "x"])
+    assert bad.exit_code != 0 and "512,256" in bad.output
+    bad = CliRunner().invoke(cli, ["train", str(mura), "--out", str(out), "--freeze", "some"])
+    assert bad.exit_code != 0 and "all-but-K" in bad.output and "Traceback" not in bad.output

@@ -1,0 +1,353 @@
+"""Throughput benchmark: one run, same files and model, every stage from decode to SQL."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    quick: bool = False
+    image_size: int = 224
+    batch: int = 16
+    images: int = 0  # 0: 192 (quick 96)
+    views_per_study: int = 2
+    source_side: int = 760  # ~0.58 megapixels, as MEASURED.md's decode figures
+    control_studies: int = 0  # 0: 4000 (quick 1500)
+    control_processes: int = 2
+    repeats: int = 0  # 0: 5 (quick 3)
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    broker_url: str = "redis://127.0.0.1:6379/14"
+    workdir: str | None = None
+
+    @property
+    def n_images(self) -> int:
+        return self.images or (96 if self.quick else 192)
+
+    @property
+    def n_control(self) -> int:
+        return self.control_studies or (1500 if self.quick else 4000)
+
+    @property
+    def n_repeats(self) -> int:
+        return self.repeats or (3 if self.quick else 5)
+
+
+def _median_rate(samples: list[float], items: int) -> float:
+    return items / statistics.median(samples)
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def write_views(root: Path, *, images: int, per_study: int, side: int, seed: int = 0) -> Path:
+    """Radiograph-like grayscale PNGs of about side x side, `per_study` views a study."""
+    from bonexray.synth import render_view
+
+    rng = np.random.default_rng(seed)
+    parts = ("wrist", "elbow", "hand", "shoulder")
+    for i in range(images):
+        study = root / f"study{i // per_study:05d}"
+        study.mkdir(parents=True, exist_ok=True)
+        pixels = render_view(rng, body_part=parts[i % len(parts)], abnormal=bool(i % 3 == 0),
+                             sign=None, size=side)
+        Image.fromarray(pixels).save(study / f"image{i % per_study + 1}.png", compress_level=6)
+    return root
+
+
+def write_tiny_studies(root: Path, *, studies: int, side: int = 48) -> Path:
+    """Many one-view studies of tiny images: for the control-plane figure."""
+    rng = np.random.default_rng(1)
+    for i in range(studies):
+        study = root / f"s{i:06d}"
+        study.mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8)).save(
+            study / "v.png", compress_level=1)
+    return root
+
+
+def export_untrained_densenet(workdir: Path, image_size: int) -> tuple[str, Any]:
+    """A DenseNet-169 with seeded random weights, exported through the real export path."""
+    import torch
+
+    from bonexray.export.onnx import export_model
+    from bonexray.trainer.model import ARCHITECTURE, BoneXRayNet
+
+    torch.manual_seed(0)
+    net = BoneXRayNet().eval()
+    checkpoint = workdir / "bench.pt"
+    torch.save({"format": 1, "model": net.state_dict(), "architecture": ARCHITECTURE,
+                "image_size": image_size, "resize": "letterbox", "threshold": 0.5,
+                "head": dict(net.head_config), "config": {"note": "benchmark, untrained"},
+                "metrics": {}, "epoch": 0}, checkpoint)
+    path = workdir / "densenet169.onnx"
+    export_model(str(checkpoint), str(path))
+    return str(path), net
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def measure_decode(paths: list[str], size: int, threads: int, repeats: int) -> float:
+    from bonexray.imaging import load_view
+
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda p: load_view(p, size), paths))
+        samples.append(time.perf_counter() - start)
+    return _median_rate(samples, len(paths))
+
+
+def measure_interleaved(runners: dict[str, Callable[[], None]], items: int,
+                        repeats: int) -> dict[str, float]:
+    """Rates of several runners, each repeat running them all in turn (noise hits all)."""
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for run in runners.values():
+        run()  # warm-up
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: _median_rate(s, items) for name, s in samples.items()}
+
+
+def measure_pipeline(folder: Path, model_path: str, workdir: Path) -> tuple[float, int]:
+    """`bonexray run`'s code path, files -> SQLite: images per second, end to end."""
+    from bonexray.db.session import open_database
+    from bonexray.jobs import prepare_job, resolve_model, run_embedded
+    from bonexray.settings import get_settings
+    from bonexray.worker.process import get_classifier
+
+    url = f"sqlite:///{workdir / 'pipeline.db'}"
+    engine = open_database(url)
+    model = resolve_model(engine=engine, ref=model_path)
+    settings = get_settings()
+    get_classifier(model, settings)  # steady state: the model is loaded once per process
+    start = time.perf_counter()
+    job = prepare_job(engine=engine, root=str(folder), model=model, mode="embedded")
+    run_embedded(engine=engine, job=job, settings=settings)
+    elapsed = time.perf_counter() - start
+    engine.dispose()
+    return job.views / elapsed, job.views
+
+
+@contextlib.contextmanager
+def private_database(admin_url: str) -> Iterator[str]:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"bonexray_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        from bonexray.db import session as db_session
+
+        for engine in list(db_session._engines.values()):
+            engine.dispose()
+        db_session._engines.clear()
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                              "WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": name})
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def running_worker(env: dict[str, str], args: list[str], log_path: Path) -> Iterator[None]:
+    """A real `bonexray worker` subprocess, ready (answering pings) when the block starts."""
+    from bonexray.settings import load_settings
+    from bonexray.worker.app import create_app
+
+    node = f"bench-{uuid.uuid4().hex[:6]}@{platform.node()}"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "bonexray.cli", "worker", "--hostname",
+                                 node, *args], env={**os.environ, **env}, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    app = create_app(load_settings({**os.environ, **env}))
+    try:
+        deadline = time.monotonic() + 120
+        while not any(node in reply for reply in app.control.ping(timeout=0.5) or []):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start; see {log_path}")
+        yield
+    finally:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        app.close()
+
+
+def measure_celery(folder: Path, model_path: str, *, db_url: str, broker_url: str,
+                   worker_args: list[str], log_path: Path,
+                   extra_env: dict[str, str] | None = None) -> tuple[float, float, int, int]:
+    """Enqueue -> Redis -> worker -> Postgres: (images/s, studies/s, images, studies), timed
+    from the first enqueue to the last study row."""
+    from bonexray.db.query import job_progress
+    from bonexray.db.session import open_database, session_scope
+    from bonexray.jobs import check_broker, prepare_job, resolve_model, send_job
+    from bonexray.settings import load_settings
+    from bonexray.studies import find_studies
+
+    queue = f"bench-{uuid.uuid4().hex[:8]}"
+    env = {"BONEXRAY_DATABASE_URL": db_url, "BONEXRAY_BROKER_URL": broker_url,
+           "BONEXRAY_QUEUE": queue, **(extra_env or {})}
+    settings = load_settings({**os.environ, **env})
+    check_broker(settings)
+    engine = open_database(db_url)
+    model = resolve_model(engine=engine, ref=model_path)
+    def run_job(root: Path, studies: list[Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        job = prepare_job(engine=engine, root=str(root), model=model, mode="celery",
+                          studies=studies)
+        send_job(job=job, settings=settings)
+        while True:
+            with session_scope(engine) as session:
+                progress = job_progress(session=session, job_id=job.job_id)
+            if progress["finished"]:
+                return job, progress
+            time.sleep(0.05)
+
+    with running_worker(env, worker_args, log_path):
+        # Warm-up: every worker process loads the model once, outside the timing.
+        warm = find_studies(folder)[: 4 * settings.chunk_size]
+        run_job(folder, warm)
+        start = time.perf_counter()
+        job, progress = run_job(folder)
+        elapsed = time.perf_counter() - start
+    if progress["failed"]:
+        raise RuntimeError(f"benchmark job {job.job_id} had {progress['failed']} failed studies")
+    return job.views / elapsed, job.studies / elapsed, job.views, job.studies
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run_benchmark(config: BenchConfig) -> dict[str, Any]:
+    """Measure every figure in one run and return them (see benchmarks/RESULTS.md)."""
+    import onnxruntime as ort
+    import torch
+
+    from bonexray.export.cheap import write_cheap_model
+    from bonexray.imaging import load_view
+    from bonexray.settings import get_settings
+    from bonexray.worker.inference import Classifier
+
+    settings = get_settings()
+    tmp = tempfile.TemporaryDirectory(prefix="bonexray-bench-", dir=config.workdir)
+    work = Path(tmp.name)
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(), "quick": config.quick, "image_size": config.image_size,
+        "batch": config.batch, "images": config.n_images,
+        "onnxruntime": ort.__version__, "torch": torch.__version__,
+    }
+    try:
+        log.info("writing %d views of ~%d px", config.n_images, config.source_side)
+        folder = write_views(work / "views", images=config.n_images,
+                             per_study=config.views_per_study, side=config.source_side)
+        paths = sorted(str(p) for p in folder.rglob("*.png"))
+        log.info("exporting DenseNet-169 at %d px", config.image_size)
+        model_path, net = export_untrained_densenet(work, config.image_size)
+        clf = Classifier(model_path, settings=settings)
+        result["provider"] = clf.provider
+
+        pixels = np.stack([load_view(p, config.image_size) for p in paths[: config.batch]])
+        batch = pixels[:, None]
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch_batch = torch.from_numpy(batch)
+
+        def torch_eager() -> None:
+            with torch.no_grad():
+                net(torch_batch)
+
+        runners: dict[str, Callable[[], None]] = {
+            "torch_eager_ips": torch_eager,
+            "ort_ips": lambda: clf.predict(batch),
+        }
+        int8_path = quantize_for_bench(model_path, folder, work)
+        if int8_path is not None:
+            clf8 = Classifier(int8_path, settings=settings)
+            runners["ort_int8_ips"] = lambda: clf8.predict(batch)
+        log.info("inference: %s, interleaved, %d repeats", ", ".join(runners),
+                 config.n_repeats)
+        result.update(measure_interleaved(runners, config.batch, config.n_repeats))
+        result.setdefault("ort_int8_ips", None)
+
+        result["decode_ips"] = measure_decode(paths, config.image_size,
+                                              settings.decode_threads, config.n_repeats)
+        log.info("pipeline: files -> SQLite")
+        result["pipeline_ips"], _ = measure_pipeline(folder, model_path, work)
+
+        with private_database(config.database_url) as db_url:
+            log.info("celery: enqueue -> one worker -> Postgres")
+            result["celery_ips"], _, _, _ = measure_celery(
+                folder, model_path, db_url=db_url, broker_url=config.broker_url,
+                worker_args=["--pool", "solo"], log_path=work / "worker.log")
+            log.info("control plane: %d one-view studies, cheap model", config.n_control)
+            cheap = write_cheap_model(work / "cheap.onnx", image_size=32)
+            tiny = write_tiny_studies(work / "tiny", studies=config.n_control)
+            _, sps, _, studies = measure_celery(
+                tiny, cheap, db_url=db_url, broker_url=config.broker_url,
+                worker_args=["--pool", "prefork", "--concurrency",
+                             str(config.control_processes)],
+                log_path=work / "control.log",
+                extra_env={"BONEXRAY_CHUNK_SIZE": "64", "BONEXRAY_DECODE_THREADS": "1"})
+            result["control_plane_sps"] = sps
+            result["control_plane_studies"] = studies
+    finally:
+        tmp.cleanup()
+    ort_ips = result["ort_ips"]
+    result["ratios"] = {
+        "pipeline_over_ort": result["pipeline_ips"] / ort_ips,
+        "celery_over_ort": result["celery_ips"] / ort_ips,
+        "ort_over_torch_eager": ort_ips / result["torch_eager_ips"],
+        "int8_over_ort": (result["ort_int8_ips"] / ort_ips
+                          if result["ort_int8_ips"] else None),
+    }
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}
+
+
+def quantize_for_bench(model_path: str, calibration: Path, work: Path) -> str | None:
+    """The int8 (static QDQ) model for the CPU figure, calibrated on the benchmark's views."""
+    try:
+        from bonexray.export.quantize import quantize_int8
+    except ImportError:
+        log.warning("int8 export not available; ort_int8_ips not measured")
+        return None
+    out = work / "densenet169-int8.onnx"
+    quantize_int8(model_path, str(out), calibration_dir=str(calibration))
+    return str(out)
+
+
+def format_result(result: dict[str, Any]) -> str:
+    return json.dumps(result, sort_keys=False)

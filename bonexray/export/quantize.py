@@ -1,0 +1,372 @@
+"""fp16 and int8 (static QDQ) copies of an fp32 export, judged against it on validation studies."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from bonexray.imaging import ImageError, load_view
+from bonexray.metrics import auroc, json_safe, study_scores
+from bonexray.modelmeta import INPUT_NAME, OUTPUT_PROB, build_metadata, parse_metadata
+from bonexray.studies import Study, find_studies
+
+if TYPE_CHECKING:
+    from bonexray.export.onnx import Member
+
+log = logging.getLogger(__name__)
+
+AUROC_BOUND = 0.01  # largest |AUROC change| against fp32 that an export accepts
+MIN_JUDGED_STUDIES = 200  # below this many validation studies the bound only warns
+CALIBRATION_IMAGES = 128
+CALIBRATION_BATCH = 8
+CALIBRATION_SEED = 0
+# Only convolutions and the head's products are quantized: the input's scaling, BatchNorm
+# in front of the ReLUs, the pooling and the sigmoid stay fp32, so abnormal_prob keeps its
+# full resolution (a quantized sigmoid output would move in steps of 1/255).
+INT8_OPS = ("Conv", "Gemm", "MatMul")
+# fp16: the sigmoid stays fp32 too, on top of onnxruntime's own list of fragile ops.
+FP16_FP32_OPS = ("Sigmoid",)
+
+
+class PrecisionError(ValueError):
+    """A lower-precision model moves validation AUROC beyond the bound, or cannot be judged."""
+
+
+@dataclass
+class PrecisionResult:
+    """What make_precision adds to the metadata, its judgement and any warnings."""
+
+    metadata: dict[str, Any]
+    judgement: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class JudgingSet:
+    """Decoded validation views: pixels [V,1,S,S], the study index of each, study labels."""
+
+    pixels: np.ndarray
+    owners: np.ndarray
+    labels: np.ndarray
+    studies: int
+    failed_views: int
+    source: str
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _labelled(studies: Sequence[Study]) -> list[Study]:
+    return [s for s in studies if s.label is not None and s.views]
+
+
+def member_splits(members: Sequence[Member]) -> tuple[list[Study], list[Study], str]:
+    """The first member's training and validation studies, split as the trainer split them."""
+    from bonexray.trainer.train import split_studies
+
+    config = members[0].config
+    data = config.get("data")
+    if not data or not Path(str(data)).is_dir():
+        raise PrecisionError(
+            f"{members[0].path} was trained on {data!r}, which is not a folder here; pass "
+            "--validation DIR (labelled studies) and, for int8, --calibration DIR"
+        )
+    if any(m.config.get("data") != data for m in members[1:]):
+        log.warning("ensemble members were trained on different data; calibration and "
+                    "validation come from the first member's, %s", data)
+    train, valid = split_studies(find_studies(str(data)), int(config.get("seed") or 0))
+    return train, valid, str(data)
+
+
+def validation_studies(members: Sequence[Member],
+                       validation: str | None) -> tuple[list[Study], str]:
+    """Labelled studies to judge a precision on: --validation DIR (its valid/ split when it
+    has one), else the checkpoint's own validation split."""
+    if validation is None:
+        _, valid, data = member_splits(members)
+        return _labelled(valid), f"validation split of {data}"
+    found = _labelled(find_studies(validation))
+    valid = [s for s in found if s.split == "valid"]
+    return (valid, f"valid/ under {validation}") if valid else (found, validation)
+
+
+def calibration_views(members: Sequence[Member], calibration: str | None) -> tuple[list[str], str]:
+    """View files to calibrate int8 on: every view under --calibration DIR, else the views of
+    the checkpoint's training split."""
+    if calibration is not None:
+        return [v for s in find_studies(calibration) for v in s.views], calibration
+    train, _, data = member_splits(members)
+    return [v for s in train for v in s.views], f"training split of {data}"
+
+
+def _decode_all(paths: Sequence[str], size: int, resize: str) -> list[np.ndarray | None]:
+    def one(path: str) -> np.ndarray | None:
+        try:
+            return load_view(path, size, resize)
+        except ImageError as exc:
+            log.warning("view %s left out: %s", path, exc)
+            return None
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
+        return list(pool.map(one, paths))
+
+
+def load_calibration(views: Sequence[str], *, size: int, resize: str, count: int,
+                     source: str, seed: int = CALIBRATION_SEED) -> np.ndarray:
+    """uint8 [M,1,S,S]: up to `count` views drawn at random (seeded), decoded as the worker
+    decodes them."""
+    if not views:
+        raise PrecisionError(f"no view files to calibrate int8 on in {source}")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(views), size=min(count, len(views)), replace=False))
+    images = [p for p in _decode_all([views[i] for i in chosen], size, resize) if p is not None]
+    if not images:
+        raise PrecisionError(f"none of the {len(chosen)} calibration views in {source} decodes")
+    return np.stack(images)[:, None]
+
+
+def load_judging_set(studies: Sequence[Study], *, size: int, resize: str,
+                     source: str) -> JudgingSet:
+    """Decode every view of the studies once; both models are then run on the same pixels."""
+    if not studies:
+        raise PrecisionError(f"no labelled studies with views to judge on in {source}")
+    flat = [(i, v) for i, s in enumerate(studies) for v in s.views]
+    decoded = _decode_all([v for _, v in flat], size, resize)
+    keep = [k for k, p in enumerate(decoded) if p is not None]
+    if not keep:
+        raise PrecisionError(f"no view of the {len(studies)} studies in {source} decodes")
+    owners = np.array([flat[k][0] for k in keep])
+    scored = sorted(set(owners.tolist()))
+    remap = {old: new for new, old in enumerate(scored)}
+    return JudgingSet(
+        pixels=np.stack([decoded[k] for k in keep])[:, None],  # type: ignore[misc]
+        owners=np.array([remap[o] for o in owners.tolist()]),
+        labels=np.array([int(studies[i].label or 0) for i in scored]),
+        studies=len(scored), failed_views=len(flat) - len(keep), source=source,
+    )
+
+
+# ---------------------------------------------------------------------------- conversion
+
+
+def set_metadata(path: str | Path, metadata: dict[str, str]) -> None:
+    """Replace a model file's metadata_props, check the model and save it as one file."""
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path), save_as_external_data=False)
+
+
+def convert_fp16(src: str | Path, dst: str | Path) -> dict[str, Any]:
+    """fp16 weights and activations; the uint8 input and float32 outputs are kept."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    blocked = sorted({*DEFAULT_OP_BLOCK_LIST, *FP16_FP32_OPS})
+    half = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
+                                    op_block_list=blocked)
+    _sort_nodes(half.graph)  # the converter appends the Casts it adds at the end
+    onnx.save(half, str(dst), save_as_external_data=False)
+    return {"keep_io_types": True, "fp32_ops": list(FP16_FP32_OPS)}
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Order a graph's nodes so that every input is made before it is used (onnx requires
+    it), keeping the original order where it already holds."""
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        if not ready:
+            raise ValueError(f"graph has a cycle or a missing input near node "
+                             f"{pending[0].name!r}")
+        for node in ready:
+            known.update(node.output)
+        ordered.extend(ready)
+        taken = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in taken]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader protocol over an array of uint8 images."""
+
+    def __init__(self, images: np.ndarray, batch: int) -> None:
+        self._batches = iter([images[i : i + batch] for i in range(0, len(images), batch)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        chunk = next(self._batches, None)
+        return None if chunk is None else {INPUT_NAME: chunk}
+
+
+def convert_int8(src: str | Path, dst: str | Path, *, images: np.ndarray,
+                 batch: int = CALIBRATION_BATCH) -> dict[str, Any]:
+    """Static QDQ quantization: int8 per-channel weights, uint8 activations whose ranges
+    (MinMax) come from `images`. Dynamic quantization is 4x slower for CNNs: never used."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="bonexray-int8-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # Shape inference and graph folding (BatchNorm into the preceding Conv) first, as
+        # onnxruntime recommends, so that the folded convolutions are what gets quantized.
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared), str(dst), _Batches(images, batch),  # type: ignore[arg-type]
+            quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(INT8_OPS), calibrate_method=CalibrationMethod.MinMax,
+        )
+    return {"format": "QDQ", "per_channel": True, "weights": "int8", "activations": "uint8",
+            "calibration_method": "MinMax", "ops": list(INT8_OPS)}
+
+
+# ---------------------------------------------------------------------------- judging
+
+
+def _session(path: str | Path, providers: Sequence[str]) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def score_studies(path: str | Path, judged: JudgingSet, *, aggregation: str,
+                  providers: Sequence[str], batch: int = 32) -> np.ndarray:
+    """Study scores [studies] of a model on the judging set, aggregated as the worker does."""
+    session = _session(path, providers)
+    probs = np.concatenate([
+        session.run([OUTPUT_PROB], {INPUT_NAME: judged.pixels[i : i + batch]})[0]
+        for i in range(0, len(judged.pixels), batch)
+    ])
+    scores = study_scores(judged.owners.tolist(), probs, how=aggregation)
+    return np.array([scores[i] for i in range(judged.studies)], dtype=np.float64)
+
+
+def judge_precision(*, precision: str, labels: np.ndarray, reference: np.ndarray,
+                    candidate: np.ndarray, threshold: float, bound: float = AUROC_BOUND,
+                    min_studies: int = MIN_JUDGED_STUDIES) -> tuple[dict[str, Any], list[str]]:
+    """Compare study scores of a lower precision with fp32's: AUROC change and agreement of
+    decisions. PrecisionError when |AUROC change| > bound on at least min_studies studies;
+    on fewer, the figures come back with a warning."""
+    n = int(len(labels))
+    ref_auc, cand_auc = auroc(labels, reference), auroc(labels, candidate)
+    delta = cand_auc - ref_auc
+    agreement = float(np.mean((reference >= threshold) == (candidate >= threshold)))
+    judgement = json_safe({
+        "precision": precision, "reference": "fp32", "studies": n,
+        "auroc_fp32": ref_auc, "auroc": cand_auc, "auroc_delta": delta,
+        "decision_agreement": agreement,
+        "max_abs_score_diff": float(np.max(np.abs(candidate - reference))),
+        "bound": bound, "min_studies": min_studies, "enforced": n >= min_studies,
+    })
+    warnings: list[str] = []
+    if math.isnan(delta):
+        warnings.append(f"{precision}: AUROC undefined on {n} validation studies (one class "
+                        f"only); decisions agree on {agreement:.1%} of studies")
+    elif abs(delta) > bound and n >= min_studies:
+        raise PrecisionError(
+            f"{precision} changes validation AUROC by {delta:+.4f} ({ref_auc:.4f} -> "
+            f"{cand_auc:.4f}) on {n} studies, beyond the bound of {bound}; decisions agree "
+            f"on {agreement:.1%}; not written"
+        )
+    elif n < min_studies:
+        warnings.append(f"{precision}: only {n} validation studies (< {min_studies}); AUROC "
+                        f"change {delta:+.4f} reported, not enforced")
+    return judgement, warnings
+
+
+def make_precision(fp32_path: str | Path, dst: str | Path, *, precision: str,
+                   members: Sequence[Member], calibration: str | None,
+                   validation: str | None,
+                   calibration_images: int | None = None) -> PrecisionResult:
+    """Write the fp16 or int8 copy of the fp32 model at `dst` and judge it on validation
+    studies (PrecisionError when it fails the bound)."""
+    from bonexray.worker.inference import CPU, requested_providers
+
+    first = members[0]
+    size, resize = first.image_size, first.resize
+    # Validation data first: an export that cannot be judged stops before the slow part.
+    studies, source = validation_studies(members, validation)
+    judged = load_judging_set(studies, size=size, resize=resize, source=source)
+    extra: dict[str, Any] = {"precision": precision}
+    if precision == "fp16":
+        extra["fp16"] = convert_fp16(fp32_path, dst)
+        from bonexray.settings import get_settings
+
+        providers = requested_providers(get_settings())  # CUDA where a GPU is, as a worker
+    elif precision == "int8":
+        views, calib_source = calibration_views(members, calibration)
+        count = calibration_images or CALIBRATION_IMAGES
+        images = load_calibration(views, size=size, resize=resize, count=count,
+                                  source=calib_source)
+        log.info("int8: calibrating on %d views from %s", len(images), calib_source)
+        extra["quantization"] = convert_int8(fp32_path, dst, images=images)
+        extra["calibration"] = {"source": calib_source, "images": int(len(images)),
+                                "seed": CALIBRATION_SEED}
+        providers = [CPU]  # int8 QDQ is meant for CPU workers
+    else:
+        raise ValueError(f"no lower precision called {precision!r} (fp16, int8)")
+    log.info("%s: judging against fp32 on %d views of %d studies (%s) with %s", precision,
+             len(judged.pixels), judged.studies, source, providers[0])
+    aggregation = "mean"
+    reference = score_studies(fp32_path, judged, aggregation=aggregation, providers=providers)
+    candidate = score_studies(dst, judged, aggregation=aggregation, providers=providers)
+    threshold = float(np.mean([m.threshold for m in members]))
+    judgement, warnings = judge_precision(precision=precision, labels=judged.labels,
+                                          reference=reference, candidate=candidate,
+                                          threshold=threshold)
+    judgement.update(source=source, views=int(len(judged.pixels)),
+                     failed_views=judged.failed_views, provider=providers[0])
+    for line in warnings:
+        log.warning("%s", line)
+    log.info("%s: validation AUROC %.4f -> %.4f (%+.4f) on %d studies; decisions agree on "
+             "%.1f%%", precision, judgement["auroc_fp32"] or float("nan"),
+             judgement["auroc"] or float("nan"),
+             judgement["auroc_delta"] if judgement["auroc_delta"] is not None else float("nan"),
+             judged.studies, 100 * judgement["decision_agreement"])
+    extra["precision_check"] = judgement
+    return PrecisionResult(metadata=extra, judgement=judgement, warnings=warnings)
+
+
+def quantize_int8(src: str | Path, dst: str | Path, *, calibration_dir: str,
+                  calibration_images: int = CALIBRATION_IMAGES) -> dict[str, Any]:
+    """int8 copy of an exported fp32 bonexray model, calibrated on the views under
+    `calibration_dir`, with the source's metadata. Not judged on validation studies (that
+    is `bonexray export --precision int8`): for benchmarks and experiments."""
+    props = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+    info = parse_metadata(props, source=f"model {src}")
+    if info.precision != "fp32":
+        raise PrecisionError(f"model {src} is {info.precision}; int8 is made from fp32")
+    views = [v for s in find_studies(calibration_dir) for v in s.views]
+    images = load_calibration(views, size=info.input_size, resize=info.resize,
+                              count=calibration_images, source=calibration_dir)
+    quantization = convert_int8(src, dst, images=images)
+    metadata = build_metadata(**{
+        **props, "architecture": info.architecture, "input_size": info.input_size,
+        "resize": info.resize, "threshold": info.threshold, "aggregation": info.aggregation,
+        "precision": "int8", "quantization": quantization,
+        "calibration": {"source": calibration_dir, "images": int(len(images)),
+                        "seed": CALIBRATION_SEED},
+        "onnxruntime_version": ort.__version__,
+    })
+    set_metadata(dst, metadata)
+    return {"path": str(dst), "calibration_images": int(len(images)), "metadata": metadata}

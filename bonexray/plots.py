@@ -1,0 +1,239 @@
+"""Pictures for people: ROC curves, confusion matrix, per-body-part chart, CAM overlays."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from bonexray.metrics import roc_curve
+
+if TYPE_CHECKING:
+    from bonexray.evaluate import JobEvaluation
+
+log = logging.getLogger(__name__)
+
+ROC_PNG = "roc.png"
+CONFUSION_PNG = "confusion_matrix.png"
+BODY_PART_PNG = "by_body_part.png"
+CHART_METRICS = ("auroc", "kappa", "sensitivity", "specificity")
+
+
+class HeatmapError(ValueError):
+    """The job's model cannot give heatmaps (no `cam` output) or its file is unusable."""
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("plots need matplotlib: pip install 'bonexray[report]'") from None
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(path: str | Path, curves: dict[str, tuple[np.ndarray, np.ndarray]],
+             aurocs: dict[str, float] | None = None) -> Path:
+    """ROC curves, one per name (labels, scores); names with a single class are skipped."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    try:
+        for name, (labels, scores) in curves.items():
+            if len(set(np.asarray(labels).tolist())) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(labels, scores)
+            auc = (aurocs or {}).get(name)
+            label = name if auc is None or auc != auc else f"{name} (AUROC {auc:.3f})"
+            ax.plot(fpr, tpr, lw=2.5 if name == "overall" else 1.2, label=label)
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity (false positive rate)",
+               ylabel="sensitivity (true positive rate)", title="ROC, studies")
+        ax.legend(loc="lower right", fontsize=8)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def confusion_counts(labels: np.ndarray, scores: np.ndarray,
+                     threshold: float) -> np.ndarray:
+    """[[tn, fp], [fn, tp]]: rows the label (normal, abnormal), columns the prediction."""
+    pred = np.asarray(scores) >= threshold
+    y = np.asarray(labels) == 1
+    return np.array([[np.sum(~y & ~pred), np.sum(~y & pred)],
+                     [np.sum(y & ~pred), np.sum(y & pred)]], dtype=np.int64)
+
+
+def plot_confusion(path: str | Path, labels: np.ndarray, scores: np.ndarray,
+                   threshold: float) -> Path:
+    """The confusion matrix of studies at `threshold`, counts written in the cells."""
+    plt = _pyplot()
+    matrix = confusion_counts(labels, scores, threshold)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    try:
+        ax.imshow(matrix, cmap="Blues")
+        names = ["normal", "abnormal"]
+        ax.set_xticks([0, 1], labels=names)
+        ax.set_yticks([0, 1], labels=names)
+        ax.set(xlabel="prediction", ylabel="label",
+               title=f"studies at threshold {threshold:g}")
+        top = matrix.max() or 1
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, str(count), ha="center", va="center",
+                    color="white" if count > top / 2 else "black")
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_by_body_part(path: str | Path, by_part: dict[str, dict[str, Any]],
+                      metrics: Sequence[str] = CHART_METRICS) -> Path:
+    """Grouped bars of `metrics` per body part with their bootstrap 95% intervals."""
+    plt = _pyplot()
+    parts = list(by_part)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(parts) + 2), 4.5))
+    try:
+        width = 0.8 / max(1, len(metrics))
+        x = np.arange(len(parts))
+        for k, name in enumerate(metrics):
+            values = np.array([_num(by_part[p].get(name)) for p in parts])
+            cis = [by_part[p].get(f"{name}_ci") or (None, None) for p in parts]
+            low = np.array([_num(c[0]) for c in cis])
+            high = np.array([_num(c[1]) for c in cis])
+            err = np.vstack([np.clip(values - low, 0, None), np.clip(high - values, 0, None)])
+            err = np.nan_to_num(err)
+            ax.bar(x + (k - (len(metrics) - 1) / 2) * width, np.nan_to_num(values), width,
+                   yerr=err, capsize=2, label=name)
+        ax.set_xticks(x, labels=[f"{p}\n(n={by_part[p].get('n', 0)})" for p in parts])
+        ax.set(ylim=(min(0.0, _floor(by_part, metrics)), 1.2), ylabel="value",
+               title="by body part (whiskers: 95% bootstrap interval)")
+        ax.axhline(0, color="black", lw=0.5)
+        ax.legend(fontsize=8, ncol=len(metrics), loc="upper center")
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _floor(by_part: dict[str, dict[str, Any]], metrics: Sequence[str]) -> float:
+    lows = [_num((p.get(f"{m}_ci") or (None, None))[0]) for p in by_part.values()
+            for m in metrics]
+    finite = [v for v in lows if v == v]
+    return min(finite, default=0.0) - 0.05
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, format="png", dpi=110)
+    return out
+
+
+def write_evaluation_plots(evaluation: JobEvaluation, out_dir: str | Path) -> list[Path]:
+    """roc.png, confusion_matrix.png and by_body_part.png of an evaluation in `out_dir`."""
+    out = Path(out_dir)
+    parts = np.asarray(evaluation.body_parts, dtype=object)
+    curves = {"overall": (evaluation.labels, evaluation.scores)}
+    aurocs = {"overall": evaluation.figures["overall"]["auroc"]}
+    for name, figures in evaluation.figures["by_body_part"].items():
+        mask = parts == name
+        curves[name] = (evaluation.labels[mask], evaluation.scores[mask])
+        aurocs[name] = figures["auroc"]
+    return [
+        plot_roc(out / ROC_PNG, curves, aurocs),
+        plot_confusion(out / CONFUSION_PNG, evaluation.labels, evaluation.scores,
+                       evaluation.threshold),
+        plot_by_body_part(out / BODY_PART_PNG, evaluation.figures["by_body_part"]),
+    ]
+
+
+# ---------------------------------------------------------------------------- heatmaps
+
+
+def colorize(cam: np.ndarray) -> np.ndarray:
+    """uint8 RGB [h, w, 3] of a map scaled to 0..1 (a blue-green-yellow-red ramp)."""
+    t = np.clip(np.nan_to_num(cam.astype(np.float64)), 0.0, 1.0)
+    stops = np.array([[0, 0, 128], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0]],
+                     dtype=np.float64)
+    pos = t * (len(stops) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
+    frac = (pos - lo)[..., None]
+    rgb = stops[lo] * (1 - frac) + stops[lo + 1] * frac
+    return rgb.round().astype(np.uint8)
+
+
+def overlay_cam(view: np.ndarray, cam: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
+    """uint8 RGB [S, S, 3]: the grayscale view with its CAM, scaled per view to 0..1 and
+    upsampled bilinearly to the view's size, blended over it."""
+    cam = np.asarray(cam, dtype=np.float32)
+    if cam.ndim != 2:
+        raise ValueError(f"expected a [h, w] class activation map, got shape {cam.shape}")
+    low, high = float(np.nanmin(cam)), float(np.nanmax(cam))
+    unit = (cam - low) / (high - low) if high > low else np.zeros_like(cam)
+    size = (view.shape[1], view.shape[0])
+    upsampled = np.asarray(Image.fromarray(unit.astype(np.float32))
+                           .resize(size, Image.Resampling.BILINEAR))
+    gray = np.repeat(view[..., None].astype(np.float64), 3, axis=2)
+    blended = (1 - alpha) * gray + alpha * colorize(upsampled).astype(np.float64)
+    return blended.round().clip(0, 255).astype(np.uint8)
+
+
+def heatmap_name(view_path: str, root: str) -> str:
+    """Where a view's overlay goes under the output folder: its path under the job root,
+    as a PNG (a view outside the root keeps its path without the leading slash)."""
+    rel = os.path.relpath(view_path, root)
+    if rel.startswith(".."):
+        rel = view_path.lstrip("/\\")
+    return str(Path(rel).with_suffix("")) + "_cam.png"
+
+
+def write_heatmaps(*, model_path: str, expected_sha256: str | None, views: Sequence[str],
+                   root: str, out_dir: str | Path, batch_size: int = 8) -> dict[str, Any]:
+    """Run the model on `views` and write an overlay PNG of its `cam` output for each one
+    under `out_dir` (paths mirror the job's tree). Views that cannot be decoded are
+    listed, not fatal. Returns {"written": [paths], "failed": {view: error}}."""
+    from bonexray.imaging import ImageError, load_view
+    from bonexray.modelmeta import INPUT_NAME, OUTPUT_CAM, OUTPUT_PROB
+    from bonexray.settings import get_settings
+    from bonexray.worker.inference import Classifier
+
+    classifier = Classifier(model_path, settings=get_settings(),
+                            expected_sha256=expected_sha256)
+    outputs = [o.name for o in classifier.session.get_outputs()]
+    if OUTPUT_CAM not in outputs:
+        raise HeatmapError(f"model {model_path} has no {OUTPUT_CAM!r} output (outputs: "
+                           f"{', '.join(outputs)}); export it with a CAM to get heatmaps")
+    size, rule = classifier.info.input_size, classifier.info.resize
+    out = Path(out_dir)
+    written: list[str] = []
+    failed: dict[str, str] = {}
+    loaded: list[tuple[str, np.ndarray]] = []
+    for view in views:
+        try:
+            loaded.append((view, load_view(view, size, rule)))
+        except (ImageError, OSError) as exc:
+            failed[view] = str(exc)
+    for start in range(0, len(loaded), batch_size):
+        batch = loaded[start:start + batch_size]
+        pixels = np.stack([p for _, p in batch])[:, None, :, :]
+        _, cams = classifier.session.run([OUTPUT_PROB, OUTPUT_CAM], {INPUT_NAME: pixels})
+        cams = np.asarray(cams, dtype=np.float32)
+        if cams.ndim == 4 and cams.shape[1] == 1:
+            cams = cams[:, 0]
+        for (view, gray), cam in zip(batch, cams, strict=True):
+            target = out / heatmap_name(view, root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(overlay_cam(gray, cam)).save(target, format="PNG")
+            written.append(str(target))
+    log.info("wrote %d heatmaps to %s (%d views failed)", len(written), out, len(failed))
+    return {"written": written, "failed": failed}

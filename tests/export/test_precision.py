@@ -1,0 +1,245 @@
+"""Export on a tiny trained model: CAM, fp16, int8 with calibration, ensembles, the AUROC gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bonexray.cli import cli
+from bonexray.export.onnx import EnsembleError, export_model
+from bonexray.export.quantize import (
+    AUROC_BOUND,
+    MIN_JUDGED_STUDIES,
+    PrecisionError,
+    judge_precision,
+    quantize_int8,
+)
+from bonexray.metrics import auroc
+from bonexray.modelmeta import INPUT_NAME, OUTPUT_CAM, OUTPUT_PROB, parse_metadata
+from bonexray.settings import Settings
+from bonexray.trainer.model import BoneXRayNet
+from bonexray.worker.inference import Classifier
+from tests.export.conftest import QUADRANTS, SIZE, draw_sign_view
+
+pytestmark = pytest.mark.slow  # trains a model once (~30-60 s on 2 busy cores)
+
+
+def session(path: str | Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def props(path: str | Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def fresh_views(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n abnormal views (uint8 [n,1,S,S]) not seen in training, and their sign quadrants."""
+    rng = np.random.default_rng(seed)
+    quadrants = rng.integers(0, QUADRANTS, size=n)
+    return np.stack([draw_sign_view(rng, int(q)) for q in quadrants])[:, None], quadrants
+
+
+def write_checkpoint(path: Path, *, image_size: int, data: str, seed: int = 0) -> Path:
+    """A checkpoint as train() writes it (untrained weights), with a deeper head."""
+    torch.manual_seed(seed)
+    model = BoneXRayNet(head=(8,), batch_norm=True, dropout=0.2).eval()
+    torch.save({
+        "format": 1, "model": model.state_dict(), "epoch": 1,
+        "config": {"data": data, "seed": 0, "image_size": image_size},
+        "architecture": "densenet169", "image_size": image_size, "resize": "letterbox",
+        "threshold": 0.5, "metrics": {"auroc": 0.5},
+        "head": {"layers": [8], "dropout": 0.2, "batch_norm": True, "init": "default"},
+    }, path)
+    return path
+
+
+def test_cam_has_the_map_shape_and_highlights_the_sign(trained_checkpoint: Path,
+                                                       tmp_path: Path) -> None:
+    out = tmp_path / "cam.onnx"
+    result = export_model(str(trained_checkpoint), str(out), cam=True)
+    assert [f["batch"] for f in result["parity"]] == [1, 7, 32]  # the default gate
+    assert all(f["cam_max_abs_diff"] <= 1e-3 for f in result["parity"])
+    info = parse_metadata(props(out))
+    assert info.json_prop("outputs") == [OUTPUT_PROB, OUTPUT_CAM]
+    assert info.json_prop("cam")["shape"] == [2, 2]
+    assert info.json_prop("normalization")["std"] == [0.229, 0.224, 0.225]
+
+    sess = session(out)
+    assert [o.name for o in sess.get_outputs()] == [OUTPUT_PROB, OUTPUT_CAM]
+    pixels, quadrants = fresh_views(32, seed=99)
+    prob, cam = sess.run([OUTPUT_PROB, OUTPUT_CAM], {INPUT_NAME: pixels})
+    assert cam.shape == (32, 2, 2) and cam.dtype == np.float32
+    # A linear head: the map's mean is the logit, exactly MURA's CAM.
+    np.testing.assert_allclose(1 / (1 + np.exp(-cam.mean(axis=(1, 2)))), prob, atol=1e-5)
+    flat = cam.reshape(len(cam), -1)
+    at_sign = flat[np.arange(len(flat)), quadrants]
+    background = (flat.sum(axis=1) - at_sign) / (QUADRANTS - 1)
+    assert (at_sign > background).mean() >= 0.9
+    # Cell by cell: a cell is higher when the sign lies in it than when it lies elsewhere.
+    for q in range(QUADRANTS):
+        assert flat[quadrants == q, q].mean() > flat[quadrants != q, q].mean()
+
+
+def test_cam_of_a_deeper_head_matches_torch(tmp_path: Path) -> None:
+    ckpt = write_checkpoint(tmp_path / "deep.pt", image_size=SIZE, data=str(tmp_path))
+    result = export_model(str(ckpt), str(tmp_path / "deep.onnx"), cam=True,
+                          parity_batches=(1, 7))
+    # The parity gate compared the CAM of BatchNorm1d + ReLU + Linear per position too.
+    assert all(f["cam_max_abs_diff"] <= 1e-3 for f in result["parity"])
+    assert result["cam"] == [2, 2]
+
+
+def test_fp16_keeps_the_contract_and_agrees_with_fp32(trained_checkpoint: Path,
+                                                      tmp_path: Path) -> None:
+    out = tmp_path / "half.onnx"
+    result = export_model(str(trained_checkpoint), str(out), precision="fp16")
+    info = parse_metadata(props(out))
+    assert info.precision == "fp16"
+    check = info.json_prop("precision_check")
+    assert check == result["precision_check"]
+    assert check["studies"] == 40 and check["reference"] == "fp32" and not check["enforced"]
+    assert check["decision_agreement"] >= 0.95
+    assert abs(check["auroc_delta"]) <= AUROC_BOUND
+    assert any("only 40 validation studies" in w for w in result["warnings"])
+    graph = onnx.load(str(out)).graph
+    assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph.initializer)
+
+    clf = Classifier(out, settings=Settings())  # what a worker does with it
+    assert clf.info.precision == "fp16"
+    pixels, _ = fresh_views(3, seed=5)
+    probs = clf.predict(pixels)
+    assert probs.dtype == np.float32 and probs.shape == (3,)
+    (want,) = session(out).run([OUTPUT_PROB], {INPUT_NAME: pixels})
+    np.testing.assert_allclose(probs, want)
+
+
+def test_int8_is_static_qdq_calibrated_on_training_views(trained_checkpoint: Path,
+                                                         sign_data: Path,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "int8.onnx"
+    fp32 = tmp_path / "fp32.onnx"
+    export_model(str(trained_checkpoint), str(fp32), parity_batches=(1,))
+    result = export_model(str(trained_checkpoint), str(out), precision="int8")
+    info = parse_metadata(props(out))
+    assert info.precision == "int8"
+    calibration = info.json_prop("calibration")
+    assert calibration["source"] == f"training split of {sign_data.resolve()}"
+    assert calibration["images"] == 64  # every training view (fewer than 128)
+    assert info.json_prop("quantization")["format"] == "QDQ"
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("QuantizeLinear") > 50 and ops.count("DequantizeLinear") > 50
+    check = result["precision_check"]
+    assert check["provider"] == "CPUExecutionProvider" and check["studies"] == 40
+    assert check["decision_agreement"] >= 0.9
+    assert check["auroc"] is not None and abs(check["auroc_delta"]) <= AUROC_BOUND
+
+    pixels, _ = fresh_views(7, seed=6)
+    (p8,) = session(out).run([OUTPUT_PROB], {INPUT_NAME: pixels})
+    (p32,) = session(fp32).run([OUTPUT_PROB], {INPUT_NAME: pixels})
+    assert p8.dtype == np.float32 and p8.shape == (7,)
+    assert np.abs(p8 - p32).max() < 0.1
+    # The sigmoid is not quantized: probabilities are not stuck on a 1/255 grid.
+    assert len(np.unique(np.round(p8 * 255, 3) % 1)) > 1
+
+
+def test_int8_from_the_cli_with_a_calibration_folder(trained_checkpoint: Path, sign_data: Path,
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "int8.onnx"
+    calib = sign_data / "valid"
+    result = CliRunner().invoke(cli, [
+        "export", str(trained_checkpoint), "--out", str(out), "--precision", "int8",
+        "--calibration", str(calib), "--calibration-images", "10", "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["metadata"]["precision"] == "int8"
+    assert json.loads(report["metadata"]["calibration"]) == {
+        "source": str(calib), "images": 10, "seed": 0}
+    assert [p["batch"] for p in report["parity"]] == [1, 7, 32]
+    human = CliRunner().invoke(cli, ["export", str(trained_checkpoint), "--out",
+                                     str(tmp_path / "h.onnx"), "--precision", "int8"])
+    assert human.exit_code == 0, human.output
+    assert "int8 vs fp32 on 40 validation studies" in human.stdout
+    assert "not enforced on so few" in human.stdout
+
+
+def test_quantize_int8_of_an_exported_file(trained_checkpoint: Path, sign_data: Path,
+                                           tmp_path: Path) -> None:
+    fp32 = tmp_path / "fp32.onnx"
+    export_model(str(trained_checkpoint), str(fp32), parity_batches=(1,))
+    done = quantize_int8(fp32, tmp_path / "q.onnx", calibration_dir=str(sign_data / "train"),
+                         calibration_images=8)
+    info = parse_metadata(props(done["path"]))
+    assert info.precision == "int8" and info.input_size == SIZE
+    assert info.json_prop("calibration")["images"] == 8
+    with pytest.raises(PrecisionError, match="is int8; int8 is made from fp32"):
+        quantize_int8(done["path"], tmp_path / "qq.onnx", calibration_dir=str(sign_data))
+
+
+def test_ensemble_averages_member_probabilities(trained_checkpoint: Path,
+                                                tmp_path: Path) -> None:
+    other = write_checkpoint(tmp_path / "other.pt", image_size=SIZE, data=str(tmp_path))
+    singles = []
+    for i, ckpt in enumerate((trained_checkpoint, other)):
+        path = tmp_path / f"single{i}.onnx"
+        export_model(str(ckpt), str(path), parity_batches=(1,))
+        singles.append(session(path))
+    out = tmp_path / "ensemble.onnx"
+    result = export_model([str(trained_checkpoint), str(other)], str(out), cam=True)
+    assert result["members"] == 2
+    info = parse_metadata(props(out))
+    ensemble = info.json_prop("ensemble")
+    assert ensemble["members"] == 2 and len(ensemble["metrics"]) == 2
+    assert [h["layers"] for h in info.json_prop("head")] == [[], [8]]
+    pixels, _ = fresh_views(5, seed=7)
+    (mean,) = session(out).run([OUTPUT_PROB], {INPUT_NAME: pixels})
+    want = np.mean([s.run([OUTPUT_PROB], {INPUT_NAME: pixels})[0] for s in singles], axis=0)
+    np.testing.assert_allclose(mean, want, atol=1e-5)
+
+    bigger = write_checkpoint(tmp_path / "big.pt", image_size=96, data=str(tmp_path))
+    with pytest.raises(EnsembleError, match="96 px"):
+        export_model([str(trained_checkpoint), str(bigger)], str(tmp_path / "bad.onnx"))
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_lower_precision_without_validation_data_is_refused(tmp_path: Path) -> None:
+    ckpt = write_checkpoint(tmp_path / "c.pt", image_size=SIZE, data="/nonexistent/mura")
+    with pytest.raises(PrecisionError, match="pass --validation DIR"):
+        export_model(str(ckpt), str(tmp_path / "m.onnx"), precision="fp16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # no file, no leftovers
+
+
+def test_auroc_gate_refuses_beyond_the_bound_on_enough_studies() -> None:
+    rng = np.random.default_rng(0)
+    n = MIN_JUDGED_STUDIES + 50
+    labels = np.arange(n) % 2
+    reference = np.clip(labels * 0.3 + rng.uniform(0, 0.7, n), 0, 1)
+    candidate = reference.copy()
+    flip = rng.choice(n, size=n // 5, replace=False)  # a fifth of the scores scrambled
+    candidate[flip] = rng.uniform(0, 1, len(flip))
+    with pytest.raises(PrecisionError) as err:
+        judge_precision(precision="int8", labels=labels, reference=reference,
+                        candidate=candidate, threshold=0.5)
+    message = str(err.value)
+    delta = auroc(labels, candidate) - auroc(labels, reference)
+    assert delta < -AUROC_BOUND
+    assert f"changes validation AUROC by {delta:+.4f}" in message
+    assert f"on {n} studies, beyond the bound of {AUROC_BOUND}" in message
+
+    few = slice(0, MIN_JUDGED_STUDIES - 20)
+    judgement, warnings = judge_precision(precision="int8", labels=labels[few],
+                                          reference=reference[few], candidate=candidate[few],
+                                          threshold=0.5)
+    assert not judgement["enforced"] and judgement["auroc_delta"] < -AUROC_BOUND
+    assert warnings and "reported, not enforced" in warnings[0]
+
+    same, none = judge_precision(precision="fp16", labels=labels, reference=reference,
+                                 candidate=reference + 1e-4, threshold=0.5)
+    assert same["auroc_delta"] == 0 and none == [] and same["enforced"]

@@ -1,0 +1,181 @@
+"""Delivery: a killed worker's chunk comes back, duplicates change nothing, requeue and
+re-enqueue send exactly what has no result. Real workers, Redis and Postgres."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.reliability.conftest import (
+    Gate,
+    bonexray,
+    count_view_rows,
+    png_bytes,
+    progress,
+    study_rows,
+    wait_finished,
+    wait_until,
+    write_study,
+)
+
+
+def cheap_prob(value: int) -> float:
+    """What the cheap model gives a uniform image of this grey value (32 px, no resize)."""
+    return 1.0 / (1.0 + math.exp(-10.0 * (value / 255.0 - 0.5)))
+
+
+def study_dir(root: Path, i: int) -> Path:
+    return root / f"XR_WRIST/patient{i:05d}/study1_negative"
+
+
+def make_tree(root: Path, studies: int, start: int = 0) -> Path:
+    for i in range(start, start + studies):
+        write_study(study_dir(root, i), 2, value=60 + 10 * i)
+    return root
+
+
+def enqueue(folder: Path, model: Path, env: dict[str, str], *extra: str) -> dict[str, Any]:
+    out = bonexray("enqueue", str(folder), "--model", str(model), "--json", *extra, env=env)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def assert_all_done_once(url: str, job_id: int, studies: int, views: int) -> dict[str, Any]:
+    """Every study done, every view row there once, scores those of the cheap model."""
+    p = progress(url, job_id)
+    assert p["finished"] and p["done"] == studies and p["failed"] == 0, p
+    rows = study_rows(url, job_id)
+    assert len(rows) == studies
+    total, distinct = count_view_rows(url, job_id)
+    assert total == distinct == views
+    for row in rows.values():
+        assert row["status"] == "done" and row["views"], row
+        for prob, error in row["views"].values():
+            assert error is None and 0.0 < prob < 1.0
+    return rows
+
+
+def check_scores(rows: dict[str, Any], root: Path, indices: range) -> None:
+    for i in indices:
+        row = rows[str(study_dir(root, i))]
+        expected = (cheap_prob(60 + 10 * i) + cheap_prob(61 + 10 * i)) / 2
+        assert row["score"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_prefork_child_killed_mid_chunk_is_redelivered(tmp_path, cheap_model, env, pg_url,
+                                                       workers):
+    root = make_tree(tmp_path / "data", studies=6)
+    gate = Gate(study_dir(root, 1) / "gate.png")  # in the first chunk (studies 0-2)
+    worker = workers(env, tmp_path / "worker.log", pool="prefork", concurrency=1)
+    worker.wait_ready()
+    job = enqueue(root, cheap_model, env)["job"]
+
+    fd = gate.wait_reader()  # the first chunk is being decoded right now
+    (child,) = worker.children()
+    os.kill(child, signal.SIGKILL)
+    os.close(fd)
+    assert progress(pg_url, job)["queued"] == 6  # killed before it wrote anything
+    gate.release(png_bytes(200))  # read by the redelivered chunk, in a new pool process
+    wait_finished(pg_url, job)
+
+    assert worker.children() and child not in worker.children()
+    rows = assert_all_done_once(pg_url, job, studies=6, views=13)
+    assert all(r["attempts"] == 1 for r in rows.values())  # written once, by the redelivery
+    assert rows[str(study_dir(root, 1))]["views"][str(gate.path)][0] == pytest.approx(
+        cheap_prob(200), abs=1e-5)
+    check_scores(rows, root, range(0, 1))
+    check_scores(rows, root, range(2, 6))
+    assert "WorkerLostError" in worker.log()
+
+
+def test_killed_solo_worker_chunk_returns_after_visibility_timeout(tmp_path, cheap_model, env,
+                                                                   pg_url, workers):
+    # A SIGKILLed solo worker rejects nothing: only Redis's visibility timeout brings the
+    # chunk back, so the test runs with a short one (producers and workers alike).
+    env = {**env, "BONEXRAY_VISIBILITY_TIMEOUT": "5"}
+    root = make_tree(tmp_path / "data", studies=4)
+    gate = Gate(study_dir(root, 0) / "gate.png")
+    first = workers(env, tmp_path / "first.log", pool="solo")
+    first.wait_ready()
+    job = enqueue(root, cheap_model, env)["job"]
+    fd = gate.wait_reader()
+    first.kill()
+    os.close(fd)
+    assert progress(pg_url, job)["queued"] == 4
+
+    second = workers(env, tmp_path / "second.log", pool="solo")
+    gate.release(png_bytes(200))  # blocks until the returned chunk reaches the second worker
+    wait_finished(pg_url, job)
+    rows = assert_all_done_once(pg_url, job, studies=4, views=9)
+    assert all(r["attempts"] == 1 for r in rows.values())
+    check_scores(rows, root, range(1, 4))
+    assert "bonexray.classify_chunk" in second.log()
+
+
+def test_duplicate_delivery_and_requeue_change_nothing(tmp_path, cheap_model, env, pg_url,
+                                                       workers):
+    root = make_tree(tmp_path / "data", studies=5)
+    job = enqueue(root, cheap_model, env)["job"]  # no worker yet: all 5 studies queued
+    # requeue re-sends every study without a result: each chunk is now queued twice.
+    again = json.loads(bonexray("requeue", str(job), "--json", env=env).stdout)
+    assert again == {"job": job, "studies": 5, "chunks": 2, "missing": 0}
+    worker = workers(env, tmp_path / "worker.log")
+    wait_until(lambda: sum(r["attempts"] for r in study_rows(pg_url, job).values()) == 10,
+               120, "both deliveries of every chunk")
+    rows = assert_all_done_once(pg_url, job, studies=5, views=10)
+    assert all(r["attempts"] == 2 for r in rows.values())
+    check_scores(rows, root, range(5))
+    # A finished job has nothing to requeue; requeue is safe to repeat.
+    assert json.loads(bonexray("requeue", str(job), "--json", env=env).stdout)["studies"] == 0
+    assert worker.proc.poll() is None
+
+
+def test_requeue_fails_vanished_study_folders(tmp_path, cheap_model, env, pg_url, workers):
+    root = make_tree(tmp_path / "data", studies=3)
+    job = enqueue(root, cheap_model, env)["job"]
+    # Redis lost the queue (no persistence) and a study folder was removed meanwhile.
+    import redis
+
+    redis.Redis.from_url(env["BONEXRAY_BROKER_URL"]).delete(env["BONEXRAY_QUEUE"])
+    shutil.rmtree(study_dir(root, 2))
+    again = json.loads(bonexray("requeue", str(job), "--json", env=env).stdout)
+    assert again == {"job": job, "studies": 2, "chunks": 1, "missing": 1}
+    workers(env, tmp_path / "worker.log")
+    p = wait_finished(pg_url, job)
+    assert (p["done"], p["failed"], p["queued"]) == (2, 1, 0)
+    missing = study_rows(pg_url, job)[str(study_dir(root, 2))]
+    assert missing["status"] == "failed" and "not found" in missing["error"]
+    status = bonexray("status", str(job), env=env, check=False)
+    assert status.returncode == 1 and "1 failed" in status.stdout
+
+
+def test_reenqueue_skips_studies_done_with_the_same_model(tmp_path, cheap_model, env, pg_url,
+                                                          workers):
+    root = make_tree(tmp_path / "data", studies=4)
+    workers(env, tmp_path / "worker.log")
+    first = enqueue(root, cheap_model, env)
+    assert (first["studies"], first["skipped"]) == (4, 0)
+    wait_finished(pg_url, first["job"])
+
+    same = enqueue(root, cheap_model, env)
+    assert (same["studies"], same["skipped"]) == (4 - 4, 4)
+    assert progress(pg_url, same["job"])["finished"]
+
+    make_tree(root, studies=1, start=4)  # a new study arrived in the folder
+    more = enqueue(root, cheap_model, env)
+    assert (more["studies"], more["skipped"]) == (1, 4)
+    wait_finished(pg_url, more["job"])
+    assert list(study_rows(pg_url, more["job"])) == [str(study_dir(root, 4))]
+
+    forced = enqueue(root, cheap_model, env, "--force")
+    assert (forced["studies"], forced["skipped"]) == (5, 0)
+    rows = assert_all_done_once(pg_url, wait_finished(pg_url, forced["job"])["job"],
+                                studies=5, views=10)
+    check_scores(rows, root, range(5))

@@ -1,0 +1,255 @@
+"""Outages: Redis restarted during a job (with and without persistence), the database
+unreachable for a while, and a chunk that fails every retry. Real servers, real workers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from tests.reliability.conftest import (
+    Gate,
+    bonexray,
+    count_view_rows,
+    free_port,
+    png_bytes,
+    progress,
+    study_rows,
+    wait_finished,
+    wait_until,
+    write_study,
+)
+
+
+def study_dir(root: Path, i: int) -> Path:
+    return root / f"XR_HAND/patient{i:05d}/study1_positive"
+
+
+def make_tree(root: Path, studies: int) -> Path:
+    for i in range(studies):
+        write_study(study_dir(root, i), 2, value=50 + 20 * i)
+    return root
+
+
+class RedisServer:
+    """A private redis-server under the test's tmp dir, stopped and started at will."""
+
+    def __init__(self, workdir: Path, *, persistent: bool) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.persistent = persistent
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
+            "--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.workdir), "--save", "", *aof],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        wait_until(lambda: self._ping(client), 20, "redis-server to start")
+
+    @staticmethod
+    def _ping(client: redis.Redis) -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: a persistent server writes its AOF and exits
+            self.proc.wait(timeout=20)
+
+    def queue_length(self, queue: str) -> int:
+        return int(redis.Redis.from_url(self.url).llen(queue))
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis", persistent=request.param)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("private_redis", [False], indirect=True)
+def test_redis_restart_without_persistence_then_requeue(tmp_path, cheap_model, env, pg_url,
+                                                       workers, private_redis):
+    env = {**env, "BONEXRAY_BROKER_URL": private_redis.url}
+    root = make_tree(tmp_path / "data", studies=6)
+    gate = Gate(study_dir(root, 0) / "gate.png")
+    worker = workers(env, tmp_path / "worker.log")
+    worker.wait_ready()
+    job = json.loads(bonexray("enqueue", str(root), "--model", str(cheap_model), "--json",
+                              env=env).stdout)["job"]
+    fd = gate.wait_reader()  # chunk 1 running, chunk 2 waiting in Redis
+    private_redis.stop()
+    private_redis.start()  # empty: the waiting chunk is gone
+    assert private_redis.queue_length(env["BONEXRAY_QUEUE"]) == 0
+    gate.release(png_bytes(180), settle=True, fd=fd)
+    wait_until(lambda: progress(pg_url, job)["queued"] == 3, 60, "chunk 1's results")
+    assert not progress(pg_url, job)["finished"]
+
+    again = json.loads(bonexray("requeue", str(job), "--json", env=env).stdout)
+    assert (again["studies"], again["chunks"]) == (3, 1)
+    p = wait_finished(pg_url, job)  # the worker reconnected on its own
+    assert p["done"] == 6 and p["failed"] == 0
+    total, distinct = count_view_rows(pg_url, job)
+    assert total == distinct == 13
+    assert worker.proc.poll() is None
+
+
+@pytest.mark.parametrize("private_redis", [True], indirect=True)
+def test_redis_restart_with_persistence_keeps_queued_chunks(tmp_path, cheap_model, env, pg_url,
+                                                            workers, private_redis):
+    # The running chunk's ack is lost with the connection: it comes back after the
+    # visibility timeout and rewrites the same rows.
+    env = {**env, "BONEXRAY_BROKER_URL": private_redis.url, "BONEXRAY_VISIBILITY_TIMEOUT": "5"}
+    root = make_tree(tmp_path / "data", studies=6)
+    gate = Gate(study_dir(root, 0) / "gate.png")
+    worker = workers(env, tmp_path / "worker.log")
+    worker.wait_ready()
+    job = json.loads(bonexray("enqueue", str(root), "--model", str(cheap_model), "--json",
+                              env=env).stdout)["job"]
+    fd = gate.wait_reader()
+    private_redis.stop()
+    private_redis.start()  # the AOF brings the waiting chunk back
+    assert private_redis.queue_length(env["BONEXRAY_QUEUE"]) == 1
+    gate.release(png_bytes(180), settle=True, fd=fd)
+    p = wait_finished(pg_url, job)  # no requeue needed
+    assert p["done"] == 6 and p["failed"] == 0
+    total, distinct = count_view_rows(pg_url, job)
+    assert total == distinct == 13
+    assert all(r["attempts"] >= 1 for r in study_rows(pg_url, job).values())
+    assert worker.proc.poll() is None
+
+
+class FlakyProxy:
+    """A TCP proxy in front of Postgres that can drop every connection and refuse new ones."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open = threading.Event()
+        self.open.set()
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        self.refused = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open.is_set():
+                self.refused += 1
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def down(self) -> None:
+        self.open.clear()
+        with self.lock:
+            for s in self.sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            self.sockets.clear()
+
+    def up(self) -> None:
+        self.open.set()
+
+    def close(self) -> None:
+        self.down()
+        self.listener.close()
+
+
+def test_database_unavailable_for_a_while_retries_and_completes(tmp_path, cheap_model, env,
+                                                                 pg_url, workers):
+    url = make_url(pg_url)
+    proxy = FlakyProxy(url.host or "127.0.0.1", url.port or 5432)
+    try:
+        worker_env = {**env, "BONEXRAY_DATABASE_URL": url.set(
+            host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)}
+        root = make_tree(tmp_path / "data", studies=3)
+        gate = Gate(study_dir(root, 1) / "gate.png")
+        worker = workers(worker_env, tmp_path / "worker.log")
+        worker.wait_ready()
+        job = json.loads(bonexray("enqueue", str(root), "--model", str(cheap_model), "--json",
+                                  env=env).stdout)["job"]
+        fd = gate.wait_reader()
+        proxy.down()  # the database goes away while the chunk is being decoded
+        gate.release(png_bytes(90), settle=True, fd=fd)
+        wait_until(lambda: "retry 2/5" in worker.log(), 60, "two retries with backoff")
+        assert progress(pg_url, job)["queued"] == 3 and proxy.refused > 0
+        proxy.up()
+        p = wait_finished(pg_url, job)
+        assert p["done"] == 3 and p["failed"] == 0
+        rows = study_rows(pg_url, job)
+        assert all(r["attempts"] == 1 for r in rows.values())  # failed writes rolled back
+        total, distinct = count_view_rows(pg_url, job)
+        assert total == distinct == 7
+        assert worker.proc.poll() is None
+    finally:
+        proxy.close()
+
+
+def test_chunk_failing_every_retry_marks_its_studies_failed(tmp_path, cheap_model, env, pg_url,
+                                                           workers):
+    # The database answers but the job row stays locked: every write of the chunk times out.
+    locked_url = make_url(pg_url).update_query_dict({"options": "-c lock_timeout=300"})
+    worker_env = {**env, "BONEXRAY_MAX_RETRIES": "1",
+                  "BONEXRAY_DATABASE_URL": locked_url.render_as_string(hide_password=False)}
+    root = make_tree(tmp_path / "data", studies=3)
+    job = json.loads(bonexray("enqueue", str(root), "--model", str(cheap_model), "--json",
+                              env=env).stdout)["job"]
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"), {"id": job})
+            worker = workers(worker_env, tmp_path / "worker.log")
+            wait_until(lambda: progress(pg_url, job)["queued"] == 0, 90,
+                       "the chunk to give up")
+            conn.rollback()
+    finally:
+        engine.dispose()
+    rows = study_rows(pg_url, job)
+    assert {r["status"] for r in rows.values()} == {"failed"}
+    assert all("database error after 1 retries" in r["error"] and "lock" in r["error"]
+               for r in rows.values())
+    assert all(r["views"] == {} for r in rows.values())  # nothing half-written
+    status = bonexray("status", str(job), env=env, check=False)
+    assert status.returncode == 1 and "3 failed" in status.stdout
+    assert "retry 1/1" in worker.log()
+    assert worker.proc.poll() is None

@@ -1,0 +1,126 @@
+"""Deployment files: the compose file validates, and matches what the code expects."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bonexray.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+ENV_EXAMPLE = ROOT / ".env.example"
+
+
+@pytest.fixture(scope="module")
+def env_example() -> dict[str, str]:
+    values = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            values[key.strip()] = value.strip()
+    return values
+
+
+@pytest.fixture(scope="module")
+def compose(env_example) -> dict:
+    """The compose file as Compose itself resolves it with .env.example as .env."""
+    text = COMPOSE.read_text()
+
+    def substitute(match: re.Match[str]) -> str:
+        name, op, default = match.group(1), match.group(2), match.group(3) or ""
+        if name in env_example:
+            return env_example[name]
+        assert op != ":?", f"{name} is required by the compose file but not in .env.example"
+        return default
+
+    resolved = re.sub(r"\$\{([A-Z0-9_]+)(?:(:-|:\?)([^}]*))?\}", substitute,
+                      text.replace("$$", "\0")).replace("\0", "$")
+    return yaml.safe_load(resolved)
+
+
+def test_compose_validates_with_docker_compose(tmp_path):
+    tool = shutil.which("docker-compose")
+    if tool is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is not installed; .ci/run installs it")
+        pytest.skip("docker-compose (Debian's v1.29) not installed here")
+    shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
+    shutil.copy(ENV_EXAMPLE, tmp_path / ".env")
+    for profile in ([], ["--profile", "multigpu"], ["--profile", "train"]):
+        result = subprocess.run([tool, *profile, "config", "-q"], cwd=tmp_path,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
+def test_services_and_their_contracts(compose):
+    services = compose["services"]
+    assert {"redis", "postgres", "migrate", "worker", "worker-multigpu", "flower",
+            "trainer"} <= set(services)
+    # Redis keeps queued chunks across a restart.
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["redis"]["command"][services["redis"]["command"].index("--appendonly") + 1] \
+        == "yes"
+    for name in ("redis", "postgres"):
+        assert services[name]["healthcheck"]["test"]
+        assert any(str(v).endswith(("/data", "/var/lib/postgresql/data"))
+                   for v in services[name]["volumes"])
+    assert services["migrate"]["command"] == ["bonexray", "db", "upgrade"]
+    assert services["migrate"]["restart"] == "no"
+    worker = services["worker"]
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["count"] == 1 and "gpu" in device["capabilities"]
+    assert "--concurrency" in worker["command"] and "prefork" in worker["command"]
+    assert worker["restart"] == "unless-stopped" and worker["stop_signal"] == "SIGTERM"
+    assert all(v.endswith(":ro") for v in worker["volumes"])
+    multi = services["worker-multigpu"]
+    assert multi["profiles"] == ["multigpu"] and "--gpus" in multi["command"]
+    assert multi["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
+    assert services["trainer"]["profiles"] == ["train"]
+    assert services["trainer"]["build"]["target"] == "trainer"
+    assert services["migrate"]["build"]["target"] == "worker"
+    assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
+
+
+def test_environment_names_match_the_settings(compose):
+    fields = {f"BONEXRAY_{f.name.upper()}" for f in dataclasses.fields(Settings)}
+    for name, service in compose["services"].items():
+        env = service.get("environment") or {}
+        unknown = [k for k in env if k.startswith("BONEXRAY_") and k not in fields]
+        assert not unknown, f"{name}: {unknown} are not settings"
+    env = compose["services"]["worker"]["environment"]
+    assert env["BONEXRAY_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert "@postgres:5432/" in env["BONEXRAY_DATABASE_URL"]
+    assert env["BONEXRAY_BROKER_URL"] == "redis://redis:6379/0"
+    assert env["BONEXRAY_MODEL_STORE"] == compose["services"]["worker"]["volumes"][1].split(":")[1]
+
+
+def test_no_secrets_in_committed_files():
+    text = COMPOSE.read_text()
+    assert "POSTGRES_PASSWORD: ${POSTGRES_PASSWORD:?" in text
+    # Every password-like value comes from the environment (${...}), none is written here.
+    assert not re.search(r"(?i)(password|secret|token)[\"']?\s*:\s+(?!\$\{)\S", text)
+    assert not (ROOT / ".env").exists() or ".env" in (ROOT / ".gitignore").read_text()
+
+
+def test_dockerfile_targets():
+    text = DOCKERFILE.read_text()
+    stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, flags=re.M | re.I)
+    assert {"worker", "trainer"} <= set(stages)
+    worker = text.split("AS worker", 1)[1].split("AS trainer", 1)[0]
+    assert "pip install ." in worker and "[train]" not in worker  # no torch in the worker
+    assert re.search(r"^USER\s+bonexray", worker, flags=re.M)
+    assert "HEALTHCHECK" in worker
+    # onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9: the base image must match.
+    base = re.search(r"CUDA_RUNTIME_IMAGE=(\S+)", text).group(1)
+    assert base.startswith("nvidia/cuda:13.") and "cudnn" in base and "runtime" in base
