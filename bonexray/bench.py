@@ -120,7 +120,7 @@ def measure_decode(paths: list[str], size: int, threads: int, repeats: int) -> f
     return _median_rate(samples, len(paths))
 
 
-def measure_interleaved(runners: dict[str, Callable[[], None]], items: int,
+def measure_interleaved(runners: dict[str, Callable[[], object]], items: int,
                         repeats: int) -> dict[str, float]:
     """Rates of several runners, each repeat running them all in turn (noise hits all)."""
     samples: dict[str, list[float]] = {name: [] for name in runners}
@@ -290,7 +290,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
             with torch.no_grad():
                 net(torch_batch)
 
-        runners: dict[str, Callable[[], None]] = {
+        runners: dict[str, Callable[[], object]] = {
             "torch_eager_ips": torch_eager,
             "ort_ips": lambda: clf.predict(batch),
         }

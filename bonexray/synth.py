@@ -274,8 +274,7 @@ def _plan_sign(rng: np.random.Generator, sign: str, rods: list[_Rod], height: in
     if sign == "fracture":
         return _Fracture(
             rod=i, at=at, tilt=float(rng.uniform(-0.5, 0.5)),
-            # Wide enough to stay a visible gap once a view is letterboxed to 64 px.
-            half_width=float(rng.uniform(0.024, 0.032)) * scale,
+            half_width=float(rng.uniform(0.014, 0.02)) * scale,
             shift=float(rng.choice((-1, 1))) * float(rng.uniform(0.5, 0.9)) * rod.radius,
             jag=float(rng.uniform(0.006, 0.012)) * scale,
             jag_freq=float(rng.uniform(0.5, 1.2)) * 6.0 / max(rod.radius, 1.0),
@@ -283,8 +282,8 @@ def _plan_sign(rng: np.random.Generator, sign: str, rods: list[_Rod], height: in
         )
     if sign == "cortical_break":
         return _Break(
-            rod=i, at=at, half_length=float(rng.uniform(0.08, 0.11)) * scale,
-            depth=float(rng.uniform(0.7, 0.9)), side=float(rng.choice((-1, 1))),
+            rod=i, at=at, half_length=float(rng.uniform(0.06, 0.09)) * scale,
+            depth=float(rng.uniform(0.6, 0.85)), side=float(rng.choice((-1, 1))),
             both=bool(rng.random() < 0.5),
         )
     ux, uy = _unit(rod.angle)
@@ -535,11 +534,13 @@ def _plan(studies: int, seed: int, valid_fraction: float,
 
 def write_synthetic_mura(out: str | Path, *, studies: int, seed: int = 0,
                          valid_fraction: float = 0.2, image_size: int = 256,
-                         abnormal_fraction: float = 0.4) -> SynthSummary:
+                         abnormal_fraction: float = 0.4,
+                         signs: tuple[str, ...] = SIGNS) -> SynthSummary:
     """Write `studies` synthetic studies in MURA-v1.1's layout, with its four CSVs, under `out`.
 
     Byte-identical for the same arguments: study i draws from numpy.random.default_rng(
     [seed, i]). `out` must be missing or an empty folder; nothing is overwritten.
+    `signs`: the signs an abnormal study may carry (one drawn per study; default all).
     """
     if studies < 1:
         raise ValueError(f"studies must be at least 1, got {studies}")
@@ -549,6 +550,9 @@ def write_synthetic_mura(out: str | Path, *, studies: int, seed: int = 0,
         raise ValueError(f"abnormal_fraction must be within [0, 1], got {abnormal_fraction}")
     if image_size < 16:
         raise ValueError(f"image_size {image_size} is too small; use at least 16 pixels")
+    unknown = [x for x in signs if x not in SIGNS] if signs else ["(none)"]
+    if unknown:
+        raise ValueError(f"unknown signs {unknown}; choose from {', '.join(SIGNS)}")
     root = Path(out).expanduser().absolute()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise ValueError(f"refusing to write into {root}: it exists and is not an empty folder")
@@ -560,7 +564,7 @@ def write_synthetic_mura(out: str | Path, *, studies: int, seed: int = 0,
     for planned in _plan(studies, seed, valid_fraction, abnormal_fraction):
         rng = np.random.default_rng([seed, planned.index])
         views = int(rng.choice(_VIEW_COUNTS, p=_VIEW_WEIGHTS))
-        sign = SIGNS[int(rng.integers(len(SIGNS)))] if planned.abnormal else None
+        sign = signs[int(rng.integers(len(signs)))] if planned.abnormal else None
         outcome = "positive" if planned.abnormal else "negative"
         rel = (f"{planned.split}/XR_{planned.part}/patient{planned.patient:05d}/"
                f"study{planned.study_number}_{outcome}")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bonexray.export.quantize import make_precision, set_metadata
+from bonexray.export.quantize import make_precision, prepare_precision, set_metadata
 from bonexray.metrics import json_safe
 from bonexray.modelmeta import INPUT_NAME, OUTPUT_CAM, OUTPUT_PROB, PRECISIONS, build_metadata
 from bonexray.trainer.model import ARCHITECTURE, IMAGENET_MEAN, IMAGENET_STD, BoneXRayNet
@@ -301,6 +301,9 @@ def export_model(checkpoint: str | Sequence[str], out: str, *, opset: int = DEFA
         log.warning("ensemble members have thresholds %s; the model uses their mean",
                     [m.threshold for m in members])
     image_size = members[0].image_size
+    prepared = None if precision == "fp32" else prepare_precision(
+        precision, members, calibration=calibration, validation=validation,
+        calibration_images=calibration_images)
     if cam:
         _check_cam_decomposition(members, image_size)
     wrapped = ProbabilityNet([m.net for m in members], cam=cam).eval()
@@ -325,11 +328,8 @@ def export_model(checkpoint: str | Sequence[str], out: str, *, opset: int = DEFA
         set_metadata(fp32_path, metadata)
         parity = check_parity(wrapped, fp32_path, image_size=image_size, atol=atol,
                               batches=parity_batches, cam=cam)
-        if precision != "fp32":
-            check = make_precision(
-                fp32_path, tmp, precision=precision, members=members,
-                calibration=calibration, validation=validation,
-                calibration_images=calibration_images)
+        if prepared is not None:
+            check = make_precision(fp32_path, tmp, prepared)
             metadata = build_metadata(**{**metadata_in, **check.metadata})
             set_metadata(tmp, metadata)
             # Same inputs as the fp32 gate, differences reported, not bounded (see judge).

@@ -294,54 +294,71 @@ def judge_precision(*, precision: str, labels: np.ndarray, reference: np.ndarray
     return judgement, warnings
 
 
-def make_precision(fp32_path: str | Path, dst: str | Path, *, precision: str,
-                   members: Sequence[Member], calibration: str | None,
-                   validation: str | None,
-                   calibration_images: int | None = None) -> PrecisionResult:
-    """Write the fp16 or int8 copy of the fp32 model at `dst` and judge it on validation
-    studies (PrecisionError when it fails the bound)."""
-    from bonexray.worker.inference import CPU, requested_providers
+@dataclass(frozen=True)
+class PrecisionData:
+    """What a lower precision is made and judged with, read before any export work."""
 
+    precision: str
+    judged: JudgingSet
+    threshold: float
+    calibration: np.ndarray | None = None
+    calibration_source: str | None = None
+
+
+def prepare_precision(precision: str, members: Sequence[Member], *, calibration: str | None,
+                      validation: str | None,
+                      calibration_images: int | None = None) -> PrecisionData:
+    """Decode the validation studies (and, for int8, calibration views) first: an export
+    that cannot be judged stops before the slow part."""
+    if precision not in ("fp16", "int8"):
+        raise ValueError(f"no lower precision called {precision!r} (fp16, int8)")
     first = members[0]
     size, resize = first.image_size, first.resize
-    # Validation data first: an export that cannot be judged stops before the slow part.
     studies, source = validation_studies(members, validation)
     judged = load_judging_set(studies, size=size, resize=resize, source=source)
-    extra: dict[str, Any] = {"precision": precision}
+    threshold = float(np.mean([m.threshold for m in members]))
     if precision == "fp16":
+        return PrecisionData(precision, judged, threshold)
+    views, calib_source = calibration_views(members, calibration)
+    images = load_calibration(views, size=size, resize=resize,
+                              count=calibration_images or CALIBRATION_IMAGES,
+                              source=calib_source)
+    return PrecisionData(precision, judged, threshold, images, calib_source)
+
+
+def make_precision(fp32_path: str | Path, dst: str | Path,
+                   data: PrecisionData) -> PrecisionResult:
+    """Write the fp16 or int8 copy of the fp32 model at `dst` and judge it on the
+    validation studies (PrecisionError when it fails the bound)."""
+    from bonexray.worker.inference import CPU, requested_providers
+
+    precision, judged = data.precision, data.judged
+    extra: dict[str, Any] = {"precision": precision}
+    if data.calibration is None:
         extra["fp16"] = convert_fp16(fp32_path, dst)
         from bonexray.settings import get_settings
 
         providers = requested_providers(get_settings())  # CUDA where a GPU is, as a worker
-    elif precision == "int8":
-        views, calib_source = calibration_views(members, calibration)
-        count = calibration_images or CALIBRATION_IMAGES
-        images = load_calibration(views, size=size, resize=resize, count=count,
-                                  source=calib_source)
-        log.info("int8: calibrating on %d views from %s", len(images), calib_source)
-        extra["quantization"] = convert_int8(fp32_path, dst, images=images)
-        extra["calibration"] = {"source": calib_source, "images": int(len(images)),
-                                "seed": CALIBRATION_SEED}
-        providers = [CPU]  # int8 QDQ is meant for CPU workers
     else:
-        raise ValueError(f"no lower precision called {precision!r} (fp16, int8)")
+        log.info("int8: calibrating on %d views from %s", len(data.calibration),
+                 data.calibration_source)
+        extra["quantization"] = convert_int8(fp32_path, dst, images=data.calibration)
+        extra["calibration"] = {"source": data.calibration_source,
+                                "images": int(len(data.calibration)), "seed": CALIBRATION_SEED}
+        providers = [CPU]  # int8 QDQ is meant for CPU workers
     log.info("%s: judging against fp32 on %d views of %d studies (%s) with %s", precision,
-             len(judged.pixels), judged.studies, source, providers[0])
-    aggregation = "mean"
-    reference = score_studies(fp32_path, judged, aggregation=aggregation, providers=providers)
-    candidate = score_studies(dst, judged, aggregation=aggregation, providers=providers)
-    threshold = float(np.mean([m.threshold for m in members]))
+             len(judged.pixels), judged.studies, judged.source, providers[0])
+    reference = score_studies(fp32_path, judged, aggregation="mean", providers=providers)
+    candidate = score_studies(dst, judged, aggregation="mean", providers=providers)
     judgement, warnings = judge_precision(precision=precision, labels=judged.labels,
                                           reference=reference, candidate=candidate,
-                                          threshold=threshold)
-    judgement.update(source=source, views=int(len(judged.pixels)),
+                                          threshold=data.threshold)
+    judgement.update(source=judged.source, views=int(len(judged.pixels)),
                      failed_views=judged.failed_views, provider=providers[0])
     for line in warnings:
         log.warning("%s", line)
-    log.info("%s: validation AUROC %.4f -> %.4f (%+.4f) on %d studies; decisions agree on "
-             "%.1f%%", precision, judgement["auroc_fp32"] or float("nan"),
-             judgement["auroc"] or float("nan"),
-             judgement["auroc_delta"] if judgement["auroc_delta"] is not None else float("nan"),
+    log.info("%s: validation AUROC %s -> %s (%s) on %d studies; decisions agree on %.1f%%",
+             precision, judgement["auroc_fp32"], judgement["auroc"], judgement["auroc_delta"],
              judged.studies, 100 * judgement["decision_agreement"])
     extra["precision_check"] = judgement
     return PrecisionResult(metadata=extra, judgement=judgement, warnings=warnings)

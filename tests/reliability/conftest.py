@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 from sqlalchemy import func, select
 
@@ -100,9 +102,13 @@ class Gate:
         finally:
             os.close(fd)
         if settle:
-            tmp = self.path.with_name(f".settle-{self.path.name}")
-            tmp.write_bytes(data)
-            os.replace(tmp, self.path)
+            self.settle(data)
+
+    def settle(self, data: bytes) -> None:
+        """Replace the FIFO by a plain file holding `data`: later readers do not block."""
+        tmp = self.path.with_name(f".settle-{self.path.name}")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.path)
 
 
 class Worker:
@@ -154,6 +160,43 @@ class Worker:
             self.kill()
 
 
+class RedisServer:
+    """A private redis-server under the test's tmp dir, stopped and started at will."""
+
+    def __init__(self, workdir: Path, *, persistent: bool) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.persistent = persistent
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
+            "--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.workdir), "--save", "", *aof],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        wait_until(lambda: self._ping(client), 20, "redis-server to start")
+
+    @staticmethod
+    def _ping(client: redis.Redis) -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: a persistent server writes its AOF and exits
+            self.proc.wait(timeout=20)
+
+    def queue_length(self, queue: str) -> int:
+        return int(redis.Redis.from_url(self.url).llen(queue))
+
+
 @pytest.fixture
 def workers() -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
@@ -174,11 +217,27 @@ def cheap_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                   image_size=32))
 
 
+@pytest.fixture(scope="session")
+def broker_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server of these tests' own where one can be started (another test session's
+    FLUSHDB on the shared test database would drop queued chunks mid-test), else the test
+    Redis."""
+    if shutil.which("redis-server") is None:
+        yield redis_url
+        return
+    server = RedisServer(tmp_path_factory.mktemp("broker"), persistent=False)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
 @pytest.fixture
-def env(pg_url: str, redis_url: str) -> dict[str, str]:
-    """A private queue on the test Redis and the session's Postgres database."""
+def env(pg_url: str, broker_url: str) -> dict[str, str]:
+    """A private queue on the tests' Redis and the session's Postgres database."""
     return {"BONEXRAY_QUEUE": f"rel-{uuid.uuid4().hex[:8]}", "BONEXRAY_DATABASE_URL": pg_url,
-            "BONEXRAY_BROKER_URL": redis_url, "BONEXRAY_CHUNK_SIZE": "3",
+            "BONEXRAY_BROKER_URL": broker_url, "BONEXRAY_CHUNK_SIZE": "3",
             "BONEXRAY_DECODE_THREADS": "1"}
 
 

@@ -80,9 +80,9 @@ def test_prefork_child_killed_mid_chunk_is_redelivered(tmp_path, cheap_model, en
     fd = gate.wait_reader()  # the first chunk is being decoded right now
     (child,) = worker.children()
     os.kill(child, signal.SIGKILL)
+    gate.settle(png_bytes(200))  # what the redelivered chunk will read, in a new process
     os.close(fd)
     assert progress(pg_url, job)["queued"] == 6  # killed before it wrote anything
-    gate.release(png_bytes(200))  # read by the redelivered chunk, in a new pool process
     wait_finished(pg_url, job)
 
     assert worker.children() and child not in worker.children()

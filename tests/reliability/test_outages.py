@@ -6,21 +6,19 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from tests.reliability.conftest import (
     Gate,
+    RedisServer,
     bonexray,
     count_view_rows,
-    free_port,
     png_bytes,
     progress,
     study_rows,
@@ -38,43 +36,6 @@ def make_tree(root: Path, studies: int) -> Path:
     for i in range(studies):
         write_study(study_dir(root, i), 2, value=50 + 20 * i)
     return root
-
-
-class RedisServer:
-    """A private redis-server under the test's tmp dir, stopped and started at will."""
-
-    def __init__(self, workdir: Path, *, persistent: bool) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.persistent = persistent
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
-            "--appendonly", "no"]
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-             str(self.workdir), "--save", "", *aof],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        wait_until(lambda: self._ping(client), 20, "redis-server to start")
-
-    @staticmethod
-    def _ping(client: redis.Redis) -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: a persistent server writes its AOF and exits
-            self.proc.wait(timeout=20)
-
-    def queue_length(self, queue: str) -> int:
-        return int(redis.Redis.from_url(self.url).llen(queue))
 
 
 @pytest.fixture
