@@ -20,7 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bonexray.imaging import load_view  # noqa: E402
+from bonexray.bench import measure_decode  # noqa: E402
 from bonexray.synth import render_view  # noqa: E402
 
 
@@ -49,7 +49,15 @@ def measure_model(device: str, dtype_name: str, size: int, batch: int, repeats: 
                                              enabled=dtype is not None):
             net(pixels)
 
-    for _ in range(3):
+    return batch / median_seconds(step, repeats, warmup=3, on_cuda=on_cuda)
+
+
+def median_seconds(step: Callable[[], None], repeats: int, *, warmup: int,
+                   on_cuda: bool) -> float:
+    """Median wall time of step(), synchronising the GPU around each timed call."""
+    import torch
+
+    for _ in range(warmup):
         step()
     samples = []
     for _ in range(repeats):
@@ -60,7 +68,7 @@ def measure_model(device: str, dtype_name: str, size: int, batch: int, repeats: 
         if on_cuda:
             torch.cuda.synchronize()
         samples.append(time.perf_counter() - start)
-    return batch / statistics.median(samples)
+    return statistics.median(samples)
 
 
 def measure_train_step(device: str, size: int, batch: int, repeats: int) -> float:
@@ -83,29 +91,7 @@ def measure_train_step(device: str, size: int, batch: int, repeats: int) -> floa
         loss.backward()
         opt.step()
 
-    for _ in range(2):
-        step()
-    samples = []
-    for _ in range(repeats):
-        if on_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if on_cuda:
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return batch / statistics.median(samples)
-
-
-def measure_decode(folder: Path, size: int, threads: int, repeats: int) -> float:
-    paths = sorted(str(p) for p in folder.iterdir())
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda p: load_view(p, size), paths))
-        samples.append(time.perf_counter() - start)
-    return len(paths) / statistics.median(samples)
+    return batch / median_seconds(step, repeats, warmup=2, on_cuda=on_cuda)
 
 
 def write_images(folder: Path, n: int, side: int, fmt: str) -> None:
@@ -159,8 +145,9 @@ def main() -> None:
         for fmt in ("png", "jpg"):
             write_images(Path(tmp) / fmt, n_images, 760, fmt)
             for threads in sorted({1, os.cpu_count() or 1}):
+                paths = sorted(str(p) for p in (Path(tmp) / fmt).iterdir())
                 result["decode_ips"][f"{fmt}@224px,{threads}threads"] = round(  # type: ignore[index]
-                    measure_decode(Path(tmp) / fmt, 224, threads, max(2, repeats // 3)), 1)
+                    measure_decode(paths, 224, threads, max(2, repeats // 3)), 1)
     text = json.dumps(result)
     section = (f"\n## GPU run, {result['date']}, {result['machine']} ({result['cores']} cores)\n\n"
                f"Command: `PYTHONPATH=. python3 benchmarks/gpu.py"
