@@ -119,13 +119,18 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--image-size", default=256, show_default=True, help="Typical image side, px.")
 @click.option("--valid-fraction", default=0.2, show_default=True)
+@click.option("--signs", default="fracture,cortical_break,hardware", show_default=True,
+              help="Abnormal signs to draw, comma-separated (hardware alone is learnt in "
+                   "CPU minutes; thin fractures take far longer).")
 @user_errors
-def synth(out: str, studies: int, seed: int, image_size: int, valid_fraction: float) -> None:
+def synth(out: str, studies: int, seed: int, image_size: int, valid_fraction: float,
+          signs: str) -> None:
     """Write a synthetic MURA-style tree of radiograph-like studies with known labels."""
     from bonexray.synth import write_synthetic_mura
 
     summary = write_synthetic_mura(out, studies=studies, seed=seed, image_size=image_size,
-                                   valid_fraction=valid_fraction)
+                                   valid_fraction=valid_fraction,
+                                   signs=tuple(s.strip() for s in signs.split(",") if s.strip()))
     click.echo(f"wrote {summary.studies} studies ({summary.views} views, {summary.abnormal} "
                f"abnormal; {summary.by_split}) to {summary.root}")
 
@@ -749,6 +754,7 @@ def evaluate(job: int | None, database_url: str | None, fmt: str, plots_dir: str
 
 
 _EVAL_COLUMNS = ("accuracy", "f1", "kappa", "auroc", "sensitivity", "specificity")
+_SHORT = {"accuracy": "acc", "sensitivity": "sens", "specificity": "spec", "unscored": "unsc"}
 
 
 def _print_evaluation(job_id: int, run: int | None, figures: dict[str, Any]) -> None:
@@ -759,14 +765,16 @@ def _print_evaluation(job_id: int, run: int | None, figures: dict[str, Any]) -> 
     table = Table(title=f"job {job_id}, evaluation {run}: threshold {overall['threshold']:g}; "
                         f"{overall['unscored']} labelled studies unscored, "
                         f"{overall['unlabelled']} unlabelled skipped",
-                  caption="value [95% bootstrap interval]")
-    for name in ("group", "n", "positives", "unscored", *_EVAL_COLUMNS):
-        table.add_column(name, overflow="fold")
+                  caption="value (95% bootstrap interval)")
+    for name in ("group", "n", "pos", "unscored", *_EVAL_COLUMNS):
+        table.add_column(_SHORT.get(name, name), no_wrap=True,
+                         justify="left" if name == "group" else "right")
     groups = [("overall", overall), *figures["by_body_part"].items()]
     for name, f in groups:
         table.add_row(name, str(f["n"]), str(f["positives"]), str(f["unscored"]),
                       *(_with_ci(f[m], f[f"{m}_ci"]) for m in _EVAL_COLUMNS))
-    Console().print(table)
+    # Eleven columns with intervals need ~105 characters; wider than a default pipe's 80.
+    Console(width=max(106, Console().width)).print(table)
 
 
 def _with_ci(value: float | None, ci: list[float | None]) -> str:
@@ -774,7 +782,7 @@ def _with_ci(value: float | None, ci: list[float | None]) -> str:
         return "n/a"
     if ci[0] is None or ci[1] is None:
         return f"{value:.3f}"
-    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{value:.3f}\n{ci[0]:.2f}–{ci[1]:.2f}"
 
 
 @cli.command("export-predictions")
