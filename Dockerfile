@@ -24,7 +24,8 @@ WORKDIR /app
 FROM base AS worker
 COPY pyproject.toml README.md ./
 COPY bonexray ./bonexray
-RUN pip install . && python -c "import onnxruntime, bonexray.worker.tasks"
+# onnxruntime-gpu pinned to the release built for this image's CUDA 13 / cuDNN 9.
+RUN pip install . "onnxruntime-gpu==1.31.*" && python -c "import onnxruntime, bonexray.worker.tasks"
 USER bonexray
 # A worker is healthy when its Celery node answers a ping through the broker.
 HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \

@@ -71,6 +71,12 @@ def broker_option(func: F) -> F:
                              "redis://127.0.0.1:6379/0).")(func)
 
 
+class UserError(click.ClickException):
+    """A one-line message for the user; exit status 2 (1 is `status`'s "ended with failures")."""
+
+    exit_code = 2
+
+
 def user_errors(func: F) -> F:
     """Turn domain errors into a one-line message and exit status 2, never a traceback."""
 
@@ -86,7 +92,7 @@ def user_errors(func: F) -> F:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("traceback", exc_info=True)
             message = " ".join(str(exc).split()) or type(exc).__name__
-            raise click.ClickException(f"{type(exc).__name__}: {message}") from None
+            raise UserError(f"{type(exc).__name__}: {message}") from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -273,18 +279,21 @@ def _fmt(value: Any) -> str:
 @click.option("--validation", type=click.Path(exists=True, file_okay=False), default=None,
               help="fp16/int8: labelled studies to judge on (default: the checkpoint's "
                    "validation split).")
+@click.option("--aggregation", type=click.Choice(["mean", "max"]), default="mean",
+              show_default=True, help="How workers combine a study's view probabilities "
+                                      "(stored in the model's metadata; MURA: mean).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
 def export(checkpoints: tuple[str, ...], out: str, precision: str, opset: int, atol: float,
            cam: bool, calibration: str | None, calibration_images: int | None,
-           validation: str | None, as_json: bool) -> None:
+           validation: str | None, aggregation: str, as_json: bool) -> None:
     """Export CHECKPOINTS to one ONNX file (uint8 input, metadata), gated by parity with
     PyTorch; several checkpoints make an ensemble that averages their probabilities."""
     from bonexray.export.onnx import export_model
 
     report = export_model(list(checkpoints), out, opset=opset, atol=atol, precision=precision,
                           cam=cam, calibration=calibration, validation=validation,
-                          calibration_images=calibration_images)
+                          calibration_images=calibration_images, aggregation=aggregation)
     for line in report["warnings"]:
         log.warning("%s", line)
     if as_json:
@@ -450,14 +459,15 @@ def _print_job_summary(job_id: int, studies: int, views: int, elapsed: float,
               show_default=True)
 @click.option("--queue", "-Q", default=None, help="Queue to consume (default bonexray).")
 @click.option("--hostname", "-n", default=None, help="Worker node name (Celery's -n).")
-@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option("--loglevel", "-l", default=None,
+              help="Celery's log level (default BONEXRAY_LOG_LEVEL, INFO).")
 @click.option("--gpus", default=None,
               help="One pool process per GPU, each pinned to its device: all, or 0,1,3 "
                    "(default BONEXRAY_GPUS; sets the pool to prefork and the concurrency).")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @user_errors
 def worker(database_url: str | None, broker_url: str | None, concurrency: int, pool: str,
-           queue: str | None, hostname: str | None, loglevel: str, gpus: str | None,
+           queue: str | None, hostname: str | None, loglevel: str | None, gpus: str | None,
            celery_args: tuple[str, ...]) -> None:
     """Start a Celery worker that classifies chunks (extra args go to `celery worker`)."""
     from bonexray.worker.inference import parse_gpus
@@ -472,12 +482,14 @@ def worker(database_url: str | None, broker_url: str | None, concurrency: int, p
                      worker_processes=processes)
     settings = get_settings()
     from bonexray.db.session import open_database
+    from bonexray.worker.inference import check_required_gpu
 
+    check_required_gpu(settings)  # a GPU node without a working GPU takes no chunks
     open_database(settings.database_url)  # fail fast, and migrate once before forking
     from bonexray.worker.app import create_app
 
     app = create_app(settings)
-    argv = ["worker", f"--loglevel={loglevel}", f"--pool={pool}",
+    argv = ["worker", f"--loglevel={loglevel or settings.log_level}", f"--pool={pool}",
             f"--concurrency={concurrency}", f"--queues={settings.queue}"]
     if hostname:
         argv.append(f"--hostname={hostname}")
@@ -494,7 +506,11 @@ def worker(database_url: str | None, broker_url: str | None, concurrency: int, p
 @user_errors
 def status(job: int | None, database_url: str | None, wait: bool, as_json: bool,
            interval: float, timeout: float | None) -> None:
-    """Progress of a job (the latest when JOB is omitted); exit 1 if it ended with failures."""
+    """Progress of a job (the latest when JOB is omitted).
+
+    Exit status: 0 finished (or running, without --wait) with no failed study; 1 finished
+    with failed studies; 2 a user error (no such job, database unreachable); 3 --wait gave
+    up after --timeout."""
     from bonexray.db.query import job_progress
     from bonexray.db.session import session_scope
 
@@ -518,8 +534,9 @@ def status(job: int | None, database_url: str | None, wait: bool, as_json: bool,
                    f"queued of {p['studies']} studies; views {p['views_scored']} scored, "
                    f"{p['views_failed']} failed; {rate}")
     if wait and not p["finished"]:
-        raise click.ClickException(f"job {job_id} still has {p['queued']} queued studies "
-                                   f"after {timeout} s")
+        click.echo(f"job {job_id} still has {p['queued']} queued studies after {timeout} s",
+                   err=True)
+        sys.exit(3)
     if p["finished"] and p["failed"]:
         sys.exit(1)
 
@@ -566,8 +583,8 @@ def _job_id(engine: Any, job: int | None) -> int:
         found = latest_job(session=session) if job is None else get_job(session=session,
                                                                          job_id=job)
         if found is None:
-            raise click.ClickException("no jobs in the database yet" if job is None
-                                       else f"no job {job} in the database")
+            raise UserError("no jobs in the database yet" if job is None
+                            else f"no job {job} in the database")
         return int(found.id)
 
 
@@ -663,7 +680,7 @@ def _write_heatmaps(engine: Any, job_id: int, rows: list[dict[str, Any]], out: s
         job_row = get_job(session=session, job_id=job_id)
         model = session.get(Model, job_row.model_id) if job_row is not None else None
         if job_row is None or model is None:
-            raise click.ClickException(f"no job {job_id} in the database")
+            raise UserError(f"no job {job_id} in the database")
         root, model_path, sha = job_row.root, model.path, model.sha256
     views = [v["path"] for r in rows for v in r["views"]]
     done = write_heatmaps(model_path=model_path, expected_sha256=sha, views=views, root=root,

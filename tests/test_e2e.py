@@ -97,7 +97,7 @@ def test_run_without_model_fails_with_one_line(data: Path, tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     out = bonexray("run", str(data / "valid"), "--model", "no-such-model", "--db", url,
                    check=False)
-    assert out.returncode != 0
+    assert out.returncode == 2  # a user error: one line, no traceback
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: ") and "no-such-model" in last
     assert "Traceback" not in out.stderr

@@ -248,11 +248,11 @@ def _write_onnx(wrapped: nn.Module, tmp: Path, *, image_size: int, opset: int,
 
 
 def _metadata(members: Sequence[Member], *, opset: int, precision: str,
-              cam_shape: list[int] | None) -> dict[str, Any]:
+              cam_shape: list[int] | None, aggregation: str = "mean") -> dict[str, Any]:
     first = members[0]
     common: dict[str, Any] = dict(
         architecture=ARCHITECTURE, input_size=first.image_size, resize=first.resize,
-        threshold=float(np.mean([m.threshold for m in members])),
+        threshold=float(np.mean([m.threshold for m in members])), aggregation=aggregation,
         normalization=normalisation(), precision=precision,
         outputs=[OUTPUT_PROB, OUTPUT_CAM] if cam_shape else [OUTPUT_PROB],
         exported_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -283,7 +283,8 @@ def export_model(checkpoint: str | Sequence[str], out: str, *, opset: int = DEFA
                  atol: float = 1e-4, parity_batches: Sequence[int] = PARITY_BATCHES,
                  precision: str = "fp32", cam: bool = False, calibration: str | None = None,
                  validation: str | None = None,
-                 calibration_images: int | None = None) -> dict[str, Any]:
+                 calibration_images: int | None = None,
+                 aggregation: str = "mean") -> dict[str, Any]:
     """Write `out`: the checkpoint's network (several: their mean) as ONNX, uint8 pixels ->
     abnormal_prob (and cam), with bonexray metadata.
 
@@ -293,6 +294,8 @@ def export_model(checkpoint: str | Sequence[str], out: str, *, opset: int = DEFA
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if aggregation not in ("mean", "max"):
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose mean or max")
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     if not checkpoints:
         raise ValueError("no checkpoint to export")
@@ -314,7 +317,8 @@ def export_model(checkpoint: str | Sequence[str], out: str, *, opset: int = DEFA
         cam_shape = [int(cam_map.shape[1]), int(cam_map.shape[2])]
     out_path = Path(out).expanduser().resolve()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    metadata_in = _metadata(members, opset=opset, precision=precision, cam_shape=cam_shape)
+    metadata_in = _metadata(members, opset=opset, precision=precision, cam_shape=cam_shape,
+                             aggregation=aggregation)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp",
                                     dir=out_path.parent)
     os.close(fd)

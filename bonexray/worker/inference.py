@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
@@ -120,6 +121,35 @@ def device_for_process(gpus: Sequence[int], process_index: int) -> int:
 def session_providers(wanted: Sequence[str], settings: Settings) -> list[Any]:
     """Provider list with options: the CUDA provider gets this process's device."""
     return [(CUDA, {"device_id": settings.cuda_device}) if p == CUDA else p for p in wanted]
+
+
+# A 69-byte ONNX graph (y = Identity(x)): enough to ask onnxruntime which provider it can
+# really start, before any model is known (made with onnx.helper, opset 13, IR 8).
+_PROBE_MODEL = base64.b64decode(
+    "CAg6OwoQCgF4EgF5IghJZGVudGl0eRIFcHJvYmVaDwoBeBIKCggIARIECgIIAWIPCgF5EgoKCAgBEgQKAggBQgQKABAN"
+)
+
+
+def active_provider(settings: Settings) -> str:
+    """The provider a session gets on this machine with these settings (a probe session)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    wanted = requested_providers(settings)
+    session = ort.InferenceSession(_PROBE_MODEL, sess_options=options,
+                                   providers=session_providers(wanted, settings))
+    return str(session.get_providers()[0])
+
+
+def check_required_gpu(settings: Settings) -> None:
+    """With BONEXRAY_REQUIRE_GPU, refuse to start unless CUDA really runs here."""
+    if not settings.require_gpu:
+        return
+    provider = active_provider(settings)
+    if provider != CUDA:
+        raise ProviderError(
+            f"BONEXRAY_REQUIRE_GPU is set but onnxruntime starts {provider}, not {CUDA} "
+            f"(NVIDIA device present: {nvidia_device_present()}); refusing to start"
+        )
 
 
 class Classifier:

@@ -55,6 +55,7 @@ def test_export_writes_one_file_with_contract(checkpoint: Path, tmp_path: Path) 
     info = parse_metadata(props(out))
     assert (info.architecture, info.input_size, info.resize, info.threshold) == \
         ("densenet169", SIZE, "letterbox", 0.4)
+    assert info.aggregation == "mean"  # MURA's, unless asked otherwise
     assert info.json_prop("metrics") == {"auroc": 0.75, "kappa": None}
     assert info.json_prop("training")["epoch"] == 3
     assert info.json_prop("head")["layers"] == [8]
@@ -113,3 +114,11 @@ def test_cheap_model_runs_with_contract(tmp_path: Path) -> None:
     np.testing.assert_allclose(prob, want, rtol=1e-5)
     (one,) = sess.run([OUTPUT_PROB], {INPUT_NAME: pixels[:1]})
     assert one.shape == (1,)
+
+
+def test_aggregation_travels_in_the_metadata(checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "max.onnx"
+    export_model(str(checkpoint), str(out), parity_batches=(1,), aggregation="max")
+    assert parse_metadata(props(out)).aggregation == "max"
+    with pytest.raises(ValueError, match="mean or max"):
+        export_model(str(checkpoint), str(tmp_path / "x.onnx"), aggregation="median")

@@ -45,3 +45,19 @@ def test_each_pool_process_gets_its_own_device(monkeypatch):
         monkeypatch.delenv("BONEXRAY_CUDA_DEVICE", raising=False)
         get_settings.cache_clear()
     assert pin_process_gpu(0) is None  # no --gpus: no pinning
+
+
+def test_worker_that_requires_a_gpu_refuses_to_start_without_one(tmp_path):
+    """BONEXRAY_REQUIRE_GPU: a node whose GPU does not start takes no chunks at all."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BONEXRAY_REQUIRE_GPU": "1",
+           "BONEXRAY_DATABASE_URL": f"sqlite:///{tmp_path / 'w.db'}"}
+    result = subprocess.run([sys.executable, "-m", "bonexray.cli", "worker", "--pool", "solo"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ProviderError:") and "refusing to start" in last
+    assert "Traceback" not in result.stderr
