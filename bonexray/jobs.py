@@ -100,15 +100,18 @@ def resolve_model(*, engine: Engine, ref: str, name: str | None = None) -> Model
 
 def done_with_model(*, session: Session, model_id: int, paths: Sequence[str]) -> set[str]:
     """Those of `paths` that an earlier job already scored (status done) with this model."""
-    wanted = set(paths)
-    if not wanted:
-        return set()
-    rows = session.scalars(
-        select(StudyRow.path).distinct()
-        .join(Job, Job.id == StudyRow.job_id)
-        .where(Job.model_id == model_id, StudyRow.status == DONE)
-    )
-    return {path for path in rows if path in wanted}
+    wanted = sorted(set(paths))
+    done: set[str] = set()
+    # Asked in slices of the folder's own paths: the registry may hold millions of studies
+    # scored with this model, and only these matter.
+    for start in range(0, len(wanted), 500):
+        done.update(session.scalars(
+            select(StudyRow.path).distinct()
+            .join(Job, Job.id == StudyRow.job_id)
+            .where(Job.model_id == model_id, StudyRow.status == DONE,
+                   StudyRow.path.in_(wanted[start : start + 500]))
+        ))
+    return done
 
 
 def prepare_job(*, engine: Engine, root: str, model: Model, mode: str,
