@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh Postgres database per test session, SQLite files, a Redis db."""
+"""Shared fixtures: a fresh Postgres database per test session, SQLite files, a Redis db,
+and a database session on both SQLite and Postgres."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import redis
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 from bonexray.db.session import open_database
 
@@ -100,3 +102,21 @@ def redis_url() -> Iterator[str]:
         client.flushdb()
     finally:
         client.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def session(request: pytest.FixtureRequest, sqlite_url: str) -> Iterator[Session]:
+    """A session on a migrated database: a fresh SQLite file, or Postgres rolled back after."""
+    if request.param == "sqlite":
+        engine = open_database(sqlite_url)
+        with Session(engine, expire_on_commit=False) as s:
+            yield s
+        engine.dispose()
+        return
+    pg_engine: Engine = request.getfixturevalue("pg_engine")
+    with pg_engine.connect() as conn:
+        trans = conn.begin()
+        with Session(bind=conn, join_transaction_mode="create_savepoint",
+                     expire_on_commit=False) as s:
+            yield s
+        trans.rollback()

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -16,18 +15,7 @@ import pytest
 from bonexray.db.query import job_progress, job_results
 from bonexray.db.session import open_database, session_scope
 from bonexray.studies import find_studies
-
-BONEXRAY = [sys.executable, "-m", "bonexray.cli"]
-
-
-def bonexray(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*BONEXRAY, *args], capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ, **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"bonexray {' '.join(args)} exited {result.returncode}:\n"
-                             f"{result.stdout}\n{result.stderr}")
-    return result
+from tests.cli_helpers import BONEXRAY, bonexray
 
 
 @pytest.fixture(scope="module")

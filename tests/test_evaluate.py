@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 from PIL import Image
-from sqlalchemy import Engine, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from bonexray.cli import cli, progress_line
@@ -55,23 +55,6 @@ SPECS: list[tuple[str, str | None, int | None, float | None]] = [
     ("other/scan7", None, None, 0.2),
     ("other/scan8", None, 1, 0.7),  # labelled by a CSV, body part unknown
 ]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def session(request: pytest.FixtureRequest, sqlite_url: str) -> Iterator[Session]:
-    if request.param == "sqlite":
-        engine = open_database(sqlite_url)
-        with Session(engine, expire_on_commit=False) as s:
-            yield s
-        engine.dispose()
-        return
-    pg_engine: Engine = request.getfixturevalue("pg_engine")
-    with pg_engine.connect() as conn:
-        trans = conn.begin()
-        with Session(bind=conn, join_transaction_mode="create_savepoint",
-                     expire_on_commit=False) as s:
-            yield s
-        trans.rollback()
 
 
 def make_job(session: Session, *, threshold: float = 0.5, model_path: str = "/m/net.onnx",

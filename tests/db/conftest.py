@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from bonexray.db import store
 from bonexray.db.models import Model
-from bonexray.db.session import open_database
 from bonexray.studies import Study as FoundStudy
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def session(request: pytest.FixtureRequest, sqlite_url: str) -> Iterator[Session]:
-    """A session on a migrated database: a fresh SQLite file, or Postgres rolled back after."""
-    if request.param == "sqlite":
-        engine = open_database(sqlite_url)
-        with Session(engine, expire_on_commit=False) as s:
-            yield s
-        engine.dispose()
-        return
-    pg_engine: Engine = request.getfixturevalue("pg_engine")
-    with pg_engine.connect() as conn:
-        trans = conn.begin()
-        with Session(bind=conn, join_transaction_mode="create_savepoint",
-                     expire_on_commit=False) as s:
-            yield s
-        trans.rollback()
 
 
 def make_studies(n: int, *, views: int = 2, empty: tuple[int, ...] = (),

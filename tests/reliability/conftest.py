@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,18 +25,7 @@ from bonexray.db.models import Study, View
 from bonexray.db.query import job_progress
 from bonexray.db.session import open_database, session_scope
 from bonexray.export.cheap import write_cheap_model
-
-BONEXRAY = [sys.executable, "-m", "bonexray.cli"]
-
-
-def bonexray(*args: str, env: dict[str, str] | None = None, timeout: float = 180,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*BONEXRAY, *args], capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ, **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"bonexray {' '.join(args)} exited {result.returncode}:\n"
-                             f"{result.stdout}\n{result.stderr}")
-    return result
+from tests.cli_helpers import BONEXRAY, bonexray  # noqa: F401 (re-exported to the tests)
 
 
 def png_bytes(value: int = 128, size: tuple[int, int] = (32, 32)) -> bytes:
