@@ -217,13 +217,17 @@ def import_fracatlas_cmd(src: str, out: str, seed: int, valid_fraction: float, l
               help="auto: one-cycle from scratch, divide by 10 on plateau with weights.")
 @click.option("--rotation", default=30.0, show_default=True,
               help="Random rotation up to +-degrees (MURA: 30); 0 turns it off.")
+@click.option("--loss-weights", type=click.Choice(["body-part", "global", "none"]),
+              default="body-part", show_default=True,
+              help="BCE class weights: body-part (MURA: each part's abnormal/normal share), "
+                   "global (one share over all training views), none.")
 @click.option("--resume", is_flag=True, help="Continue OUT/last.pt (same settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr: float | None,
           weights: str, seed: int, workers: int, max_steps: int | None, device: str,
           head: str, dropout: float, batch_norm: bool, init_: str, freeze: str,
-          threshold: str, schedule: str, rotation: float, resume: bool,
+          threshold: str, schedule: str, rotation: float, loss_weights: str, resume: bool,
           as_json: bool) -> None:
     """Train DenseNet-169 on MURA-layout data; writes OUT/best.pt, last.pt, history.*."""
     from bonexray.trainer.progress import RichTrainProgress
@@ -240,7 +244,7 @@ def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr
         lr=lr, weights=None if weights == "none" else weights, seed=seed, workers=workers,
         max_steps=max_steps, device=device, head=layers, dropout=dropout,
         batch_norm=batch_norm, init=init_, freeze=freeze, threshold=threshold,
-        schedule=schedule, rotation=rotation,
+        schedule=schedule, rotation=rotation, loss_weights=loss_weights,
     )
     with RichTrainProgress() as progress:
         summary = run_training(config, resume=resume, progress=progress)

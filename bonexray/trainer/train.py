@@ -34,10 +34,13 @@ FINETUNE_LR = 1e-4  # MURA's Adam rate for ImageNet-initialised weights
 VALID_FRACTION = 0.2
 # auto: one-cycle from scratch, MURA's divide-by-10-on-plateau with initial weights.
 SCHEDULES = ("auto", "onecycle", "plateau", "cosine", "constant")
+# body-part: MURA's (each part's own abnormal/normal share); global: one share over all
+# training views (keeps the parts' different prevalences as a prior); none: plain BCE.
+LOSS_WEIGHTS = ("body-part", "global", "none")
 # Settings a resumed run must share with the run it continues (epochs may grow).
 _RESUME_KEYS = ("data", "image_size", "batch_size", "lr", "weights", "seed", "rotation",
                 "flip", "head", "dropout", "batch_norm", "init", "resize", "freeze",
-                "schedule", "threshold")
+                "schedule", "threshold", "loss_weights")
 
 
 class TrainError(ValueError):
@@ -69,6 +72,7 @@ class TrainConfig:
     threshold: str = "0.5"  # rule chosen on validation: a number, youden, sensitivity=X
     schedule: str = "auto"
     flip: bool = True
+    loss_weights: str = "body-part"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -94,6 +98,9 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise TrainError(
                 f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.loss_weights not in LOSS_WEIGHTS:
+            raise TrainError(f"unknown loss weights {self.loss_weights!r}; choose one of "
+                             f"{', '.join(LOSS_WEIGHTS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise TrainError(f"dropout {self.dropout} outside [0, 1)")
         if any(w < 1 for w in self.head):
@@ -158,9 +165,15 @@ def split_studies(studies: Sequence[Study], seed: int) -> tuple[list[Study], lis
             [s for s in train if patient_key(s) in held])
 
 
-def class_weights(dataset: ViewDataset) -> torch.Tensor:
-    """Per-study [w_neg, w_pos] (MURA): w1 = |N|/(|A|+|N|), w0 = |A|/(|A|+|N|) over the
-    training views of the study's body part; overall counts where a part lacks a class."""
+def class_weights(dataset: ViewDataset, how: str = "body-part") -> torch.Tensor:
+    """Per-study [w_neg, w_pos] for the loss.
+
+    body-part (MURA): w1 = |N|/(|A|+|N|), w0 = |A|/(|A|+|N|) over the training views of the
+    study's body part (the overall counts where a part lacks a class); global: the same
+    share over all training views; none: 1 and 1.
+    """
+    if how not in LOSS_WEIGHTS:
+        raise ValueError(f"unknown loss weights {how!r}; choose one of {', '.join(LOSS_WEIGHTS)}")
     counts: dict[str, list[int]] = {}
     total = [0, 0]
     for (_, index), label in zip(dataset.items, dataset.labels(), strict=True):
@@ -172,6 +185,12 @@ def class_weights(dataset: ViewDataset) -> torch.Tensor:
         return (pos / (pos + neg), neg / (pos + neg))
 
     overall = pair(*total) if min(total) > 0 else (1.0, 1.0)
+    if how == "none":
+        overall = (1.0, 1.0)
+    if how != "body-part":
+        log.info("class weights (w_neg, w_pos): %s for every body part (%s)",
+                 tuple(round(w, 3) for w in overall), how)
+        return torch.tensor([overall] * len(dataset.studies), dtype=torch.float32)
     by_part = {p: pair(*c) if min(c) > 0 else overall for p, c in counts.items()}
     log.info("class weights (w_neg, w_pos) by body part: %s",
              {p: tuple(round(w, 3) for w in v) for p, v in sorted(by_part.items())})
@@ -212,7 +231,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader[Any], weights: torch.Te
         if pixels.shape[0] > 0:
             pixels = pixels.to(device, non_blocking=True).contiguous(memory_format=memory)
             labels = labels.to(device, non_blocking=True)
-            # MURA's loss: each view's BCE weighted by its body part's class share.
+            # Each view's BCE weighted by its class share (MURA: within its body part).
             w = weights[study_idx.to(device)].gather(1, labels.long().unsqueeze(1)).squeeze(1)
             with _autocast(device):
                 logits = model(pixels)
@@ -437,7 +456,7 @@ def train(config: TrainConfig, *, resume: bool = False,
                          f"{len(valid_set)} valid)")
     log.info("training on %d views of %d studies, validating on %d views of %d studies, %s",
              len(train_set), len(train_studies), len(valid_set), len(valid_studies), device)
-    weights = class_weights(train_set)
+    weights = class_weights(train_set, config.loss_weights)
     shuffle_rng = torch.Generator()
     train_loader = _loader(train_set, config, shuffle=True, batch_size=config.batch_size,
                            generator=shuffle_rng)

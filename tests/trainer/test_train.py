@@ -172,6 +172,27 @@ def test_class_weights_follow_mura(tmp_path: Path) -> None:
     torch.testing.assert_close(w[0], torch.tensor([4 / 6, 2 / 6]))
 
 
+def test_class_weights_global_and_none(tmp_path: Path) -> None:
+    root = make_mura(tmp_path / "d", patients=2, splits=("train",),
+                     parts=("XR_WRIST", "XR_HAND"))
+    studies = find_studies(root)
+    # Wrist loses one normal study: wrist 4 abnormal / 2 normal, hand 4 / 4 (views).
+    studies = [s for s in studies
+               if not (s.label == 0 and s.patient == "00001" and s.body_part == "wrist")]
+    ds = ViewDataset(studies, image_size=16, check=False)
+    by_part = class_weights(ds, "body-part")
+    wrist = [i for i, s in enumerate(ds.studies) if s.body_part == "wrist"][0]
+    hand = [i for i, s in enumerate(ds.studies) if s.body_part == "hand"][0]
+    torch.testing.assert_close(by_part[wrist], torch.tensor([4 / 6, 2 / 6]))
+    torch.testing.assert_close(by_part[hand], torch.tensor([0.5, 0.5]))
+    overall = class_weights(ds, "global")  # 8 abnormal, 6 normal views in all
+    torch.testing.assert_close(overall[wrist], torch.tensor([8 / 14, 6 / 14]))
+    torch.testing.assert_close(overall[hand], torch.tensor([8 / 14, 6 / 14]))
+    assert torch.equal(class_weights(ds, "none"), torch.ones(len(ds.studies), 2))
+    with pytest.raises(TrainError, match="body-part, global, none"):
+        TrainConfig(data=str(tmp_path), out=str(tmp_path), loss_weights="pos")
+
+
 def test_config_errors_name_choices(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="auto, cpu, cuda"):
         TrainConfig(data=str(tmp_path), out=str(tmp_path), device="tpu")
