@@ -49,6 +49,12 @@ class Settings:
     # "auto" = CUDA when it really loads, else CPU; or a comma list of ORT provider names.
     providers: str = "auto"
     require_gpu: bool = False
+    # Options of onnxruntime's CUDA provider as "key=value,key=value", e.g.
+    # "cudnn_conv_algo_search=HEURISTIC,gpu_mem_limit=8589934592" (device_id: cuda_device).
+    cuda_options: str = ""
+    # onnxruntime IO binding: "auto" (on with CUDA: the input goes to a reused device
+    # buffer), "on" or "off".
+    io_binding: str = "auto"
     # GPUs of this host for `bonexray worker --gpus`: "" (no pinning), "all", or "0,1,3";
     # one worker process per GPU, each pinned to its own device.
     gpus: str = ""

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -118,9 +119,34 @@ def device_for_process(gpus: Sequence[int], process_index: int) -> int:
     return gpus[process_index % len(gpus)]
 
 
+def cuda_provider_options(settings: Settings) -> dict[str, Any]:
+    """The CUDA provider's options: BONEXRAY_CUDA_OPTIONS plus this process's device."""
+    options: dict[str, Any] = {}
+    for item in settings.cuda_options.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ProviderError(f"BONEXRAY_CUDA_OPTIONS: {item.strip()!r} is not key=value "
+                                "(e.g. cudnn_conv_algo_search=HEURISTIC)")
+        options[key.strip()] = value.strip()
+    if "device_id" in options:
+        raise ProviderError("BONEXRAY_CUDA_OPTIONS: set the device with BONEXRAY_CUDA_DEVICE "
+                            "or bonexray worker --gpus, not device_id")
+    options["device_id"] = settings.cuda_device
+    return options
+
+
 def session_providers(wanted: Sequence[str], settings: Settings) -> list[Any]:
-    """Provider list with options: the CUDA provider gets this process's device."""
-    return [(CUDA, {"device_id": settings.cuda_device}) if p == CUDA else p for p in wanted]
+    """Provider list with options: the CUDA provider gets its options and this device."""
+    return [(CUDA, cuda_provider_options(settings)) if p == CUDA else p for p in wanted]
+
+
+def use_io_binding(settings: Settings, provider: str) -> bool:
+    mode = settings.io_binding.strip().lower()
+    if mode not in ("auto", "on", "off"):
+        raise ProviderError(f"BONEXRAY_IO_BINDING={settings.io_binding!r}: use auto, on or off")
+    return mode == "on" or (mode == "auto" and provider == CUDA)
 
 
 # A 69-byte ONNX graph (y = Identity(x)): enough to ask onnxruntime which provider it can
@@ -173,9 +199,10 @@ class Classifier:
         options.intra_op_num_threads = intra_op_threads(settings)
         options.inter_op_num_threads = 1
         wanted = requested_providers(settings)
+        providers = session_providers(wanted, settings)
         try:
             self.session = ort.InferenceSession(data, sess_options=options,
-                                                providers=session_providers(wanted, settings))
+                                                providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             first = " ".join(str(exc).split())[:300]
             raise ModelLoadError(f"model {path} is not a loadable ONNX model: {first}") from None
@@ -202,10 +229,21 @@ class Classifier:
             raise ModelLoadError(f"model {path}: expected a uint8 input named {INPUT_NAME!r}")
         if OUTPUT_PROB not in outputs:
             raise ModelLoadError(f"model {path}: expected an output named {OUTPUT_PROB!r}")
+        if self.info.precision == "fp16" and self.provider != CUDA:
+            log.warning("model %s is fp16 but runs on %s, where fp16 is slow: give CPU "
+                        "workers the fp32 or int8 export", Path(path).name, self.provider)
+        elif self.info.precision == "int8" and self.provider == CUDA:
+            log.warning("model %s is int8 (QDQ), made for CPU workers; on CUDA the fp16 "
+                        "export is the fast one", Path(path).name)
+        self.io_binding = use_io_binding(settings, self.provider)
+        self._device = ("cuda", settings.cuda_device) if self.provider == CUDA else ("cpu", 0)
+        self._inputs: dict[tuple[int, ...], ort.OrtValue] = {}  # reused buffers by shape
+        self._lock = threading.Lock()
         device = f" device {settings.cuda_device}" if self.provider == CUDA else ""
-        log.info("model %s (sha256 %s…, %s, %d px) on %s%s with %d intra-op threads",
+        log.info("model %s (sha256 %s…, %s %s, %d px) on %s%s with %d intra-op threads%s",
                  Path(path).name, self.sha256[:12], self.info.architecture,
-                 self.info.input_size, self.provider, device, options.intra_op_num_threads)
+                 self.info.precision, self.info.input_size, self.provider, device,
+                 options.intra_op_num_threads, ", IO binding" if self.io_binding else "")
 
     @property
     def input_size(self) -> int:
@@ -215,5 +253,27 @@ class Classifier:
         """Abnormality probabilities, float32 [N], for uint8 pixels [N, 1, S, S]."""
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[1] != 1:
             raise ValueError(f"expected uint8 [N,1,S,S], got {pixels.dtype} {pixels.shape}")
-        (probs,) = self.session.run([OUTPUT_PROB], {INPUT_NAME: pixels})
+        if not self.io_binding:
+            (probs,) = self.session.run([OUTPUT_PROB], {INPUT_NAME: pixels})
+            return np.asarray(probs, dtype=np.float32).reshape(-1)
+        with self._lock:  # the input buffers are reused: one call at a time
+            return self._predict_bound(np.ascontiguousarray(pixels))
+
+    def _predict_bound(self, pixels: np.ndarray) -> np.ndarray:
+        """IO binding: the batch is copied into a buffer on the session's device that is
+        kept per batch shape (no allocation per call); the output is bound to host memory."""
+        kind, device_id = self._device
+        buffer = self._inputs.get(pixels.shape)
+        if buffer is None:
+            if len(self._inputs) >= 8:  # a chunk's odd last batches: keep a few shapes
+                self._inputs.pop(next(iter(self._inputs)))
+            buffer = ort.OrtValue.ortvalue_from_shape_and_type(pixels.shape, np.uint8, kind,
+                                                               device_id)
+            self._inputs[pixels.shape] = buffer
+        buffer.update_inplace(pixels)
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(INPUT_NAME, buffer)
+        binding.bind_output(OUTPUT_PROB, "cpu")
+        self.session.run_with_iobinding(binding)
+        (probs,) = binding.copy_outputs_to_cpu()
         return np.asarray(probs, dtype=np.float32).reshape(-1)

@@ -60,19 +60,54 @@ def classify_studies(
     threshold: float,
     aggregation: str = "mean",
     options: PipelineOptions | None = None,
+    on_ready: Callable[[list[StudyResult]], None] | None = None,
 ) -> tuple[list[StudyResult], list[BatchStat]]:
     """Classify every study of a chunk.
 
     Views of all studies are decoded in a thread pool that runs ahead of inference and are
     packed into full batches across study boundaries. A view that fails to decode gets its
     error and the study goes on with the rest; a study with no scorable view fails.
+
+    `on_ready`, when given, receives the studies whose every view is settled as soon as
+    they are (after each batch), in order, so that a caller can write them while the next
+    batch runs; every study is passed exactly once. All results are also returned.
     """
     opts = options or PipelineOptions()
     how = opts.aggregation or aggregation
     flat: list[tuple[int, str]] = [(t, v) for t, task in enumerate(tasks) for v in task.views]
+    # ends[t]: one past the flat index of study t's last view.
+    ends: list[int] = []
+    for task in tasks:
+        ends.append((ends[-1] if ends else 0) + len(task.views))
     view_probs: dict[int, float] = {}
     view_errors: dict[int, str] = {}
     stats: list[BatchStat] = []
+    results: list[StudyResult] = []
+
+    def finish(t: int) -> StudyResult:
+        task, first = tasks[t], ends[t] - len(tasks[t].views)
+        view_results = tuple(ViewResult(path=path, prob=view_probs.get(first + k),
+                                        error=view_errors.get(first + k))
+                             for k, path in enumerate(task.views))
+        scored = [v.prob for v in view_results if v.prob is not None]
+        if not task.views:
+            return StudyResult(task.id, task.path, EMPTY, None, None, (),
+                               "no views: the folder holds no .png/.jpg/.jpeg files")
+        if not scored:
+            return StudyResult(task.id, task.path, FAILED, None, None, view_results,
+                               f"no view could be scored: all {len(task.views)} failed to "
+                               "decode")
+        score = aggregate(scored, how)
+        prediction = "abnormal" if score >= threshold else "normal"
+        return StudyResult(task.id, task.path, DONE, score, prediction, view_results)
+
+    def release(settled: int) -> None:
+        """Finish (and hand over) every study whose views all lie below flat index `settled`."""
+        start = len(results)
+        while len(results) < len(tasks) and ends[len(results)] <= settled:
+            results.append(finish(len(results)))
+        if on_ready is not None and len(results) > start:
+            on_ready(results[start:])
 
     def decode(path: str) -> np.ndarray:
         check_view(path, opts.data_roots)
@@ -100,6 +135,7 @@ def classify_studies(
         batch_ids.clear()
         wait_ms = 0.0
 
+    release(0)  # leading studies without views
     views = [path for _, path in flat]
     for index, future in _decode_ahead(views, decode, opts.decode_threads, opts.prefetch_views):
         start = time.perf_counter()
@@ -108,6 +144,8 @@ def classify_studies(
         except ImageError as exc:
             view_errors[index] = str(exc)
             log.debug("view %d failed: %s", index, exc)
+            if not batch_ids:  # nothing pending before it: its study may be settled
+                release(index + 1)
             continue
         finally:
             wait_ms += (time.perf_counter() - start) * 1000.0
@@ -115,29 +153,7 @@ def classify_studies(
         batch_ids.append(index)
         if len(batch_ids) == len(batch):
             run_batch()
+            release(index + 1)
     run_batch()
-
-    results: list[StudyResult] = []
-    offset = 0
-    for task in tasks:
-        view_results = []
-        for k, path in enumerate(task.views):
-            i = offset + k
-            view_results.append(ViewResult(path=path, prob=view_probs.get(i),
-                                           error=view_errors.get(i)))
-        offset += len(task.views)
-        scored = [v.prob for v in view_results if v.prob is not None]
-        if not task.views:
-            results.append(StudyResult(task.id, task.path, EMPTY, None, None, (),
-                                       "no views: the folder holds no .png/.jpg/.jpeg files"))
-        elif not scored:
-            results.append(StudyResult(
-                task.id, task.path, FAILED, None, None, tuple(view_results),
-                f"no view could be scored: all {len(task.views)} failed to decode",
-            ))
-        else:
-            score = aggregate(scored, how)
-            prediction = "abnormal" if score >= threshold else "normal"
-            results.append(StudyResult(task.id, task.path, DONE, score, prediction,
-                                       tuple(view_results)))
+    release(len(flat))
     return results, stats

@@ -1,9 +1,11 @@
-"""A chunk end to end: the process's cached model, the pipeline, one transaction of results."""
+"""A chunk end to end: the process's cached model, the pipeline, a writer thread for results."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -17,7 +19,7 @@ from bonexray.db import store
 from bonexray.db.models import Model
 from bonexray.db.session import session_scope
 from bonexray.modelstore import local_model_path
-from bonexray.results import DONE, FAILED, BatchStat, StudyTask
+from bonexray.results import DONE, FAILED, BatchStat, StudyResult, StudyTask
 from bonexray.security import parse_data_roots
 from bonexray.settings import Settings
 from bonexray.worker.inference import Classifier, ModelLoadError
@@ -61,6 +63,62 @@ def get_classifier(model: Model, settings: Settings) -> Classifier:
         return classifier
 
 
+class ResultWriter:
+    """Writes study results in a thread of its own while inference goes on.
+
+    `put` hands over finished studies and returns at once; the thread writes whatever has
+    accumulated in one transaction, then waits for more. `close` waits for the last write
+    and raises the first write error, if any (the studies are then written again on retry:
+    results are upserts).
+    """
+
+    _STOP = None
+
+    def __init__(self, *, engine: Engine, job_id: int, worker: str) -> None:
+        self.engine, self.job_id, self.worker = engine, job_id, worker
+        self.queue: queue.SimpleQueue[list[StudyResult] | None] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.write_ms = 0.0
+        self.transactions = 0
+        self.written = 0
+        self.thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, results: list[StudyResult]) -> None:
+        if results:
+            self.queue.put(list(results))
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            pending = [self.queue.get()]
+            while not self.queue.empty():  # coalesce what came in during the last write
+                pending.append(self.queue.get())
+            stop = pending[-1] is self._STOP
+            results = [r for part in pending if part is not None for r in part]
+            if not results or self.error is not None:
+                continue  # after a failure: drain until stopped, write nothing more
+            start = time.perf_counter()
+            try:
+                with session_scope(self.engine) as session:
+                    store.save_results(session=session, job_id=self.job_id, results=results,
+                                       worker=self.worker)
+            except BaseException as exc:  # handed to close(), in the caller's thread
+                self.error = exc
+                continue
+            self.write_ms += (time.perf_counter() - start) * 1000.0
+            self.transactions += 1
+            self.written += len(results)
+
+    def close(self) -> float:
+        """Wait for every write; the milliseconds spent writing. Raises a write's error."""
+        self.queue.put(self._STOP)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.write_ms
+
+
 def pipeline_options(settings: Settings) -> PipelineOptions:
     return PipelineOptions(
         batch_size=settings.batch_size,
@@ -73,7 +131,7 @@ def pipeline_options(settings: Settings) -> PipelineOptions:
 
 def process_chunk(*, engine: Engine, job_id: int, model_id: int, tasks: Sequence[StudyTask],
                   settings: Settings, worker: str | None = None) -> ChunkSummary:
-    """Classify a chunk of studies and write every study and view row in one transaction.
+    """Classify a chunk of studies and write every study and view row as they finish.
 
     A model that cannot be loaded fails the chunk's studies with the reason (retrying would
     not heal it); database errors propagate so that the caller can retry.
@@ -93,23 +151,30 @@ def process_chunk(*, engine: Engine, job_id: int, model_id: int, tasks: Sequence
             store.finish_job_if_done(session=session, job_id=job_id)
         raise
     info = classifier.info
-    results, stats = classify_studies(
-        tasks,
-        predict=classifier.predict,
-        input_size=info.input_size,
-        resize=info.resize,
-        threshold=info.threshold,
-        aggregation=info.aggregation,
-        options=pipeline_options(settings),
-    )
-    start = time.perf_counter()
+    # Results are written beside inference: each batch's finished studies go to the writer
+    # thread while the next batch runs, so SQL time hides behind the model.
+    writer = ResultWriter(engine=engine, job_id=job_id, worker=worker)
+    try:
+        results, stats = classify_studies(
+            tasks,
+            predict=classifier.predict,
+            input_size=info.input_size,
+            resize=info.resize,
+            threshold=info.threshold,
+            aggregation=info.aggregation,
+            options=pipeline_options(settings),
+            on_ready=writer.put,
+        )
+    except BaseException:
+        with contextlib.suppress(BaseException):  # the pipeline's error is the one to see
+            writer.close()
+        raise
+    write_ms = writer.close()
+    if stats:
+        # The chunk's write time (spent in the writer thread) is charged to its last batch.
+        last = stats[-1]
+        stats[-1] = BatchStat(last.n_views, last.decode_ms, last.infer_ms, write_ms)
     with session_scope(engine) as session:
-        store.save_results(session=session, job_id=job_id, results=results, worker=worker)
-        write_ms = (time.perf_counter() - start) * 1000.0
-        if stats:
-            # The chunk's one write is charged to its last batch.
-            last = stats[-1]
-            stats[-1] = BatchStat(last.n_views, last.decode_ms, last.infer_ms, write_ms)
         store.save_batch_stats(session=session, job_id=job_id, worker=worker,
                                provider=classifier.provider, stats=stats)
         store.finish_job_if_done(session=session, job_id=job_id)

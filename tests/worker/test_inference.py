@@ -17,9 +17,12 @@ from bonexray.worker.inference import (
     Classifier,
     ModelLoadError,
     ProviderError,
+    cuda_provider_options,
     intra_op_threads,
     requested_providers,
+    session_providers,
     sha256_file,
+    use_io_binding,
 )
 
 
@@ -88,3 +91,52 @@ def test_intra_op_threads_split_cores_among_processes(monkeypatch):
     assert intra_op_threads(Settings(worker_processes=4)) == 4
     assert intra_op_threads(Settings(worker_processes=32)) == 1
     assert intra_op_threads(Settings(intra_op_threads=3, worker_processes=4)) == 3
+
+
+def test_io_binding_gives_the_same_probabilities_for_every_batch_shape(cheap):
+    plain = Classifier(cheap, settings=Settings(io_binding="off"))
+    bound = Classifier(cheap, settings=Settings(io_binding="on"))
+    assert not plain.io_binding and bound.io_binding
+    rng = np.random.default_rng(0)
+    for n in (4, 1, 4, 3, 7, 2, 5, 6, 8, 9, 4):  # more shapes than buffers are kept
+        pixels = rng.integers(0, 256, (n, 1, 32, 32), dtype=np.uint8)
+        assert np.array_equal(bound.predict(pixels), plain.predict(pixels))
+    # A view of a bigger array (not contiguous) is bound correctly too.
+    big = rng.integers(0, 256, (6, 2, 32, 32), dtype=np.uint8)
+    assert np.array_equal(bound.predict(big[:, :1]), plain.predict(big[:, :1].copy()))
+
+
+def test_io_binding_is_on_with_cuda_only_by_default():
+    assert use_io_binding(Settings(), CUDA) and not use_io_binding(Settings(), CPU)
+    assert not use_io_binding(Settings(io_binding="off"), CUDA)
+    assert use_io_binding(Settings(io_binding="on"), CPU)
+    with pytest.raises(ProviderError, match="auto, on or off"):
+        use_io_binding(Settings(io_binding="yes"), CPU)
+
+
+def test_cuda_provider_options_come_from_settings():
+    settings = Settings(cuda_device=2, cuda_options=(
+        "cudnn_conv_algo_search=HEURISTIC, gpu_mem_limit=8589934592"))
+    assert cuda_provider_options(settings) == {
+        "cudnn_conv_algo_search": "HEURISTIC", "gpu_mem_limit": "8589934592", "device_id": 2}
+    assert session_providers([CUDA, CPU], settings) == [
+        (CUDA, cuda_provider_options(settings)), CPU]
+    with pytest.raises(ProviderError, match="not key=value"):
+        cuda_provider_options(Settings(cuda_options="HEURISTIC"))
+    with pytest.raises(ProviderError, match="BONEXRAY_CUDA_DEVICE"):
+        cuda_provider_options(Settings(cuda_options="device_id=1"))
+
+
+def test_precision_that_does_not_suit_the_provider_is_logged(cheap, tmp_path, caplog):
+    model = onnx.load(cheap)
+    for prop in model.metadata_props:
+        if prop.key == "precision":
+            prop.value = "fp16"
+            break
+    else:
+        model.metadata_props.add(key="precision", value="fp16")
+    fp16 = tmp_path / "fp16.onnx"
+    onnx.save(model, str(fp16))
+    with caplog.at_level("WARNING", logger="bonexray.worker.inference"):
+        Classifier(fp16, settings=Settings())
+    assert "fp16 but runs on CPUExecutionProvider" in caplog.text

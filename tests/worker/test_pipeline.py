@@ -134,3 +134,39 @@ def test_model_output_of_wrong_shape_is_an_error(tasks):
     with pytest.raises(RuntimeError, match="model returned"):
         classify_studies(tasks, predict=lambda p: np.zeros(1, np.float32), input_size=SIZE,
                          resize="stretch", threshold=0.5, options=PipelineOptions(batch_size=4))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_studies_are_handed_over_as_soon_as_settled(tmp_path, tasks, batch_size):
+    bad = tmp_path / "bad" / "v.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"")
+    tasks = [StudyTask(100, str(tmp_path / "e"), ()), *tasks[:3],
+             StudyTask(101, str(bad.parent), (str(bad),)), StudyTask(102, "x", ()), *tasks[3:]]
+    handed: list[tuple[int, list[int]]] = []
+    calls = {"n": 0}
+
+    def counting_predict(pixels):
+        calls["n"] += 1
+        return mean_prob(pixels)
+
+    def on_ready(results):
+        handed.append((calls["n"], [r.study_id for r in results]))
+
+    results, stats = classify_studies(tasks, predict=counting_predict, input_size=SIZE,
+                                      resize="stretch", threshold=0.5, on_ready=on_ready,
+                                      options=PipelineOptions(batch_size=batch_size))
+    # Every study exactly once, in order, each part as the same objects as returned.
+    assert [i for _, ids in handed for i in ids] == [t.id for t in tasks]
+    assert [r.study_id for r in results] == [t.id for t in tasks]
+    # A study is handed over once its last view's batch has run, not at the end of the chunk.
+    ends, flat = [], 0
+    for t in tasks:
+        flat += len(t.views)
+        ends.append(flat)
+    for calls_before, ids in handed:
+        for sid in ids:
+            end = ends[[t.id for t in tasks].index(sid)]
+            assert calls_before <= -(-end // batch_size) or end == 0
+    if len(stats) > 1:
+        assert len(handed) > 1

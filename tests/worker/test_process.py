@@ -1,0 +1,108 @@
+"""A chunk end to end against Postgres: results are written while inference goes on."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from bonexray.db.models import BatchStat as BatchStatRow
+from bonexray.db.models import Study
+from bonexray.db.session import open_database, session_scope
+from bonexray.export.cheap import write_cheap_model
+from bonexray.jobs import prepare_job, resolve_model
+from bonexray.results import QUEUED
+from bonexray.settings import Settings
+from bonexray.worker import process
+
+
+def make_studies(root: Path, studies: int, views: int = 1) -> Path:
+    for i in range(studies):
+        folder = root / f"study{i:02d}"
+        folder.mkdir(parents=True)
+        for k in range(views):
+            Image.fromarray(np.full((24, 30), 40 + 20 * i, dtype=np.uint8)).save(
+                folder / f"v{k}.png")
+    return root
+
+
+def written(engine: Engine, job_id: int) -> int:
+    with session_scope(engine) as session:
+        return int(session.scalar(select(func.count()).select_from(Study).where(
+            Study.job_id == job_id, Study.status != QUEUED)) or 0)
+
+
+@pytest.fixture
+def pg_engine(fresh_pg_url: str) -> Iterator[Engine]:
+    """A database of this test's own (the shared one keeps other tests' expectations)."""
+    engine = open_database(fresh_pg_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def job(tmp_path: Path, pg_engine: Engine) -> Any:
+    root = make_studies(tmp_path / "data", studies=6)
+    model = resolve_model(engine=pg_engine, ref=write_cheap_model(tmp_path / "cheap.onnx",
+                                                                  image_size=16))
+    return prepare_job(engine=pg_engine, root=str(root), model=model, mode="embedded")
+
+
+def test_results_are_written_while_the_next_batch_runs(job, pg_engine, monkeypatch):
+    # Batches of one view: when the model is asked for batch k, the studies of batches
+    # 1..k-1 must reach Postgres while that call is still running (here: it waits for
+    # them). A chunk written only at its end would leave every call waiting in vain.
+    seen_during_calls: list[int] = []
+    real = process.classify_studies
+
+    def instrumented(tasks, *, predict, **kwargs):
+        def predict_and_watch(pixels):
+            calls = len(seen_during_calls)
+            deadline = time.monotonic() + 20
+            while written(pg_engine, job.job_id) < calls and time.monotonic() < deadline:
+                time.sleep(0.02)
+            seen_during_calls.append(written(pg_engine, job.job_id))
+            return predict(pixels)
+        return real(tasks, predict=predict_and_watch, **kwargs)
+
+    monkeypatch.setattr(process, "classify_studies", instrumented)
+    settings = Settings(database_url="unused://", batch_size=1, decode_threads=1)
+    summary = process.process_chunk(engine=pg_engine, job_id=job.job_id,
+                                    model_id=job.model_id, tasks=job.tasks,
+                                    settings=settings)
+    assert summary.done == 6
+    assert seen_during_calls == [0, 1, 2, 3, 4, 5]
+    assert written(pg_engine, job.job_id) == 6
+    with session_scope(pg_engine) as session:
+        stats = session.scalars(select(BatchStatRow).where(
+            BatchStatRow.job_id == job.job_id)).all()
+    assert [s.n_views for s in stats] == [1] * 6
+    assert stats[-1].write_ms is not None and stats[-1].write_ms > 0
+
+
+def test_a_failed_write_fails_the_chunk_for_a_retry(job, pg_engine, monkeypatch):
+    calls = {"n": 0}
+    real = process.store.save_results
+
+    def flaky(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("connection reset while writing")
+        return real(**kwargs)
+
+    monkeypatch.setattr(process.store, "save_results", flaky)
+    settings = Settings(database_url="unused://", batch_size=2, decode_threads=1)
+    with pytest.raises(RuntimeError, match="connection reset"):
+        process.process_chunk(engine=pg_engine, job_id=job.job_id, model_id=job.model_id,
+                              tasks=job.tasks, settings=settings)
+    # The retry (Celery's, here by hand) writes everything; the upserts make it safe.
+    summary = process.process_chunk(engine=pg_engine, job_id=job.job_id,
+                                    model_id=job.model_id, tasks=job.tasks, settings=settings)
+    assert summary.done == 6 and written(pg_engine, job.job_id) == 6
