@@ -121,8 +121,9 @@ def measure_decode(paths: list[str], size: int, threads: int, repeats: int) -> f
 
 
 def measure_interleaved(runners: dict[str, Callable[[], object]], items: int,
-                        repeats: int) -> dict[str, float]:
-    """Rates of several runners, each repeat running them all in turn (noise hits all)."""
+                        repeats: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Rates of several runners, each repeat running them all in turn, so that the machine's
+    noise hits them all alike: (median rate by name, every repeat's rate by name)."""
     samples: dict[str, list[float]] = {name: [] for name in runners}
     for run in runners.values():
         run()  # warm-up
@@ -131,27 +132,28 @@ def measure_interleaved(runners: dict[str, Callable[[], object]], items: int,
             start = time.perf_counter()
             run()
             samples[name].append(time.perf_counter() - start)
-    return {name: _median_rate(s, items) for name, s in samples.items()}
+    rates = {name: [items / t for t in s] for name, s in samples.items()}
+    return {name: _median_rate(s, items) for name, s in samples.items()}, rates
 
 
-def measure_pipeline(folder: Path, model_path: str, workdir: Path) -> tuple[float, int]:
-    """`bonexray run`'s code path, files -> SQLite: images per second, end to end."""
+def pipeline_runner(folder: Path, model_path: str, workdir: Path,
+                    batch: int) -> Callable[[], None]:
+    """`bonexray run`'s code path, files -> SQLite, one new job over `folder` per call."""
     from bonexray.db.session import open_database
     from bonexray.jobs import prepare_job, resolve_model, run_embedded
     from bonexray.settings import get_settings
     from bonexray.worker.process import get_classifier
 
-    url = f"sqlite:///{workdir / 'pipeline.db'}"
-    engine = open_database(url)
+    engine = open_database(f"sqlite:///{workdir / 'pipeline.db'}")
     model = resolve_model(engine=engine, ref=model_path)
-    settings = get_settings()
+    settings = get_settings().replace(batch_size=batch)
     get_classifier(model, settings)  # steady state: the model is loaded once per process
-    start = time.perf_counter()
-    job = prepare_job(engine=engine, root=str(folder), model=model, mode="embedded")
-    run_embedded(engine=engine, job=job, settings=settings)
-    elapsed = time.perf_counter() - start
-    engine.dispose()
-    return job.views / elapsed, job.views
+
+    def run() -> None:
+        job = prepare_job(engine=engine, root=str(folder), model=model, mode="embedded")
+        run_embedded(engine=engine, job=job, settings=settings)
+
+    return run
 
 
 @contextlib.contextmanager
@@ -208,11 +210,13 @@ def running_worker(env: dict[str, str], args: list[str], log_path: Path) -> Iter
         app.close()
 
 
-def measure_celery(folder: Path, model_path: str, *, db_url: str, broker_url: str,
-                   worker_args: list[str], log_path: Path,
-                   extra_env: dict[str, str] | None = None) -> tuple[float, float, int, int]:
-    """Enqueue -> Redis -> worker -> Postgres: (images/s, studies/s, images, studies), timed
-    from the first enqueue to the last study row."""
+@contextlib.contextmanager
+def celery_runner(folder: Path, model_path: str, *, db_url: str, broker_url: str,
+                  worker_args: list[str], log_path: Path,
+                  extra_env: dict[str, str] | None = None
+                  ) -> Iterator[Callable[[], tuple[int, int]]]:
+    """A warm `bonexray worker` and a call that enqueues `folder` as a new job and returns
+    (views, studies) once its last study row is in Postgres."""
     from bonexray.db.query import job_progress
     from bonexray.db.session import open_database, session_scope
     from bonexray.jobs import check_broker, prepare_job, resolve_model, send_job
@@ -226,27 +230,36 @@ def measure_celery(folder: Path, model_path: str, *, db_url: str, broker_url: st
     check_broker(settings)
     engine = open_database(db_url)
     model = resolve_model(engine=engine, ref=model_path)
-    def run_job(root: Path, studies: list[Any] | None = None) -> tuple[Any, dict[str, Any]]:
-        job = prepare_job(engine=engine, root=str(root), model=model, mode="celery",
+
+    def run_job(studies: list[Any] | None = None) -> tuple[int, int]:
+        job = prepare_job(engine=engine, root=str(folder), model=model, mode="celery",
                           studies=studies)
         send_job(job=job, settings=settings)
         while True:
             with session_scope(engine) as session:
                 progress = job_progress(session=session, job_id=job.job_id)
             if progress["finished"]:
-                return job, progress
+                break
             time.sleep(0.05)
+        if progress["failed"]:
+            raise RuntimeError(f"benchmark job {job.job_id} had {progress['failed']} failed "
+                               f"studies; see {log_path}")
+        return job.views, job.studies
 
     with running_worker(env, worker_args, log_path):
         # Warm-up: every worker process loads the model once, outside the timing.
-        warm = find_studies(folder)[: 4 * settings.chunk_size]
-        run_job(folder, warm)
+        run_job(find_studies(folder)[: 4 * settings.chunk_size])
+        yield run_job
+
+
+def measure_celery(folder: Path, model_path: str, **kwargs: Any) -> tuple[float, int]:
+    """Enqueue -> Redis -> worker -> Postgres, once: (studies/s, studies), timed from the
+    first enqueue to the last study row."""
+    with celery_runner(folder, model_path, **kwargs) as run_job:
         start = time.perf_counter()
-        job, progress = run_job(folder)
+        _, studies = run_job()
         elapsed = time.perf_counter() - start
-    if progress["failed"]:
-        raise RuntimeError(f"benchmark job {job.job_id} had {progress['failed']} failed studies")
-    return job.views / elapsed, job.studies / elapsed, job.views, job.studies
+    return studies / elapsed, studies
 
 
 # ---------------------------------------------------------------------------- the run
@@ -281,42 +294,52 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         clf = Classifier(model_path, settings=settings)
         result["provider"] = clf.provider
 
-        pixels = np.stack([load_view(p, config.image_size) for p in paths[: config.batch]])
-        batch = pixels[:, None]
+        # Every view pre-decoded: the model-only runners see the same images as the
+        # pipeline, in the same batches, without decoding (their ceiling).
+        pixels = np.stack([load_view(p, config.image_size) for p in paths])[:, None]
+        batches = [pixels[i:i + config.batch] for i in range(0, len(pixels), config.batch)]
         torch.set_num_threads(os.cpu_count() or 1)
-        torch_batch = torch.from_numpy(batch)
+        torch_batches = [torch.from_numpy(b) for b in batches]
 
         def torch_eager() -> None:
             with torch.no_grad():
-                net(torch_batch)
+                for b in torch_batches:
+                    net(b)
+
+        def ort_run(classifier: Classifier) -> Callable[[], None]:
+            def run() -> None:
+                for b in batches:
+                    classifier.predict(b)
+            return run
 
         runners: dict[str, Callable[[], object]] = {
             "torch_eager_ips": torch_eager,
-            "ort_ips": lambda: clf.predict(batch),
+            "ort_ips": ort_run(clf),
         }
         int8_path = quantize_for_bench(model_path, folder, work)
         if int8_path is not None:
-            clf8 = Classifier(int8_path, settings=settings)
-            runners["ort_int8_ips"] = lambda: clf8.predict(batch)
-        log.info("inference: %s, interleaved, %d repeats", ", ".join(runners),
-                 config.n_repeats)
-        result.update(measure_interleaved(runners, config.batch, config.n_repeats))
-        result.setdefault("ort_int8_ips", None)
-
+            runners["ort_int8_ips"] = ort_run(Classifier(int8_path, settings=settings))
+        runners["pipeline_ips"] = pipeline_runner(folder, model_path, work, config.batch)
         result["decode_ips"] = measure_decode(paths, config.image_size,
                                               settings.decode_threads, config.n_repeats)
-        log.info("pipeline: files -> SQLite")
-        result["pipeline_ips"], _ = measure_pipeline(folder, model_path, work)
 
         with private_database(config.database_url) as db_url:
-            log.info("celery: enqueue -> one worker -> Postgres")
-            result["celery_ips"], _, _, _ = measure_celery(
-                folder, model_path, db_url=db_url, broker_url=config.broker_url,
-                worker_args=["--pool", "solo"], log_path=work / "worker.log")
+            with celery_runner(folder, model_path, db_url=db_url, broker_url=config.broker_url,
+                               worker_args=["--pool", "solo"], log_path=work / "worker.log",
+                               extra_env={"BONEXRAY_BATCH_SIZE": str(config.batch)}
+                               ) as run_job:
+                runners["celery_ips"] = run_job
+                log.info("%s over the same %d views, interleaved, %d repeats",
+                         ", ".join(runners), len(paths), config.n_repeats)
+                rates, samples = measure_interleaved(runners, len(paths), config.n_repeats)
+            result.update(rates)
+            result.setdefault("ort_int8_ips", None)
+            result["repeats"] = {k: [round(r, 2) for r in v] for k, v in samples.items()}
+
             log.info("control plane: %d one-view studies, cheap model", config.n_control)
             cheap = write_cheap_model(work / "cheap.onnx", image_size=32)
             tiny = write_tiny_studies(work / "tiny", studies=config.n_control)
-            _, sps, _, studies = measure_celery(
+            sps, studies = measure_celery(
                 tiny, cheap, db_url=db_url, broker_url=config.broker_url,
                 worker_args=["--pool", "prefork", "--concurrency",
                              str(config.control_processes)],
