@@ -361,9 +361,11 @@ def run(folder: str, model_ref: str, database_url: str | None, as_json: bool,
         chunk_size: int | None, batch_size: int | None) -> None:
     """Classify every study under FOLDER in this process (no broker): the embedded default."""
     from bonexray.jobs import prepare_job, resolve_model, run_embedded
+    from bonexray.worker.inference import check_provider_settings
 
     _apply_overrides(database_url=database_url, chunk_size=chunk_size, batch_size=batch_size)
     settings = get_settings()
+    check_provider_settings(settings)  # before a job is registered
     engine = _engine()
     model = resolve_model(engine=engine, ref=model_ref)
     job = prepare_job(engine=engine, root=folder, model=model, mode="embedded",

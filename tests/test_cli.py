@@ -37,3 +37,28 @@ def test_status_exit_codes(sqlite_url):
         store.finish_job_if_done(session=session, job_id=job)
     failed = runner.invoke(cli, ["status", str(job), "--db", sqlite_url])
     assert failed.exit_code == 1 and "1 failed" in failed.output
+
+
+def test_bad_provider_settings_stop_run_before_a_job_is_registered(sqlite_url, tmp_path,
+                                                                    monkeypatch):
+    from sqlalchemy import func, select
+
+    from bonexray.db.models import Job
+    from bonexray.settings import get_settings
+
+    (tmp_path / "s1").mkdir()
+    runner = CliRunner()
+    for name, value, says in (("BONEXRAY_IO_BINDING", "maybe", "auto, on or off"),
+                              ("BONEXRAY_CUDA_OPTIONS", "HEURISTIC", "not key=value")):
+        monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+        try:
+            result = runner.invoke(cli, ["run", str(tmp_path), "--model", "m.onnx",
+                                         "--db", sqlite_url])
+        finally:
+            monkeypatch.delenv(name)
+            get_settings.cache_clear()
+        assert result.exit_code == 2 and says in result.output
+        assert "Traceback" not in result.output
+    with session_scope(open_database(sqlite_url)) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0

@@ -41,6 +41,7 @@ LOSS_WEIGHTS = ("body-part", "global", "none")
 _RESUME_KEYS = ("data", "image_size", "batch_size", "lr", "weights", "seed", "rotation",
                 "flip", "head", "dropout", "batch_norm", "init", "resize", "freeze",
                 "schedule", "threshold", "loss_weights")
+_RESUME_DEFAULTS = {"loss_weights": "body-part"}
 
 
 class TrainError(ValueError):
@@ -403,6 +404,8 @@ def config_as_plain_data(config: TrainConfig) -> dict[str, Any]:
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
     now = config_as_plain_data(config)
+    # Settings added after a checkpoint was written: it was trained with their default.
+    saved = {**_RESUME_DEFAULTS, **saved}
     differ = [k for k in _RESUME_KEYS if saved.get(k, now[k]) != now[k]]
     if differ:
         pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in differ)

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -166,8 +167,16 @@ def active_provider(settings: Settings) -> str:
     return str(session.get_providers()[0])
 
 
+def check_provider_settings(settings: Settings) -> None:
+    """Raise ProviderError for a malformed BONEXRAY_CUDA_OPTIONS or BONEXRAY_IO_BINDING."""
+    cuda_provider_options(settings)
+    use_io_binding(settings, CPU)
+
+
 def check_required_gpu(settings: Settings) -> None:
-    """With BONEXRAY_REQUIRE_GPU, refuse to start unless CUDA really runs here."""
+    """Check the provider settings; with BONEXRAY_REQUIRE_GPU, refuse to start unless CUDA
+    really runs here."""
+    check_provider_settings(settings)
     if not settings.require_gpu:
         return
     provider = active_provider(settings)
@@ -198,6 +207,7 @@ class Classifier:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads(settings)
         options.inter_op_num_threads = 1
+        check_provider_settings(settings)
         wanted = requested_providers(settings)
         providers = session_providers(wanted, settings)
         try:
@@ -208,6 +218,12 @@ class Classifier:
             raise ModelLoadError(f"model {path} is not a loadable ONNX model: {first}") from None
         self.providers = self.session.get_providers()
         self.provider = self.providers[0]
+        if CUDA in wanted and self.provider != CUDA and settings.cuda_options.strip():
+            # onnxruntime falls back to the CPU when the CUDA provider refuses its options:
+            # a GPU node must not quietly run on its CPU because of a mistyped option.
+            raise ProviderError(
+                f"the CUDA provider did not start with BONEXRAY_CUDA_OPTIONS="
+                f"{settings.cuda_options!r} (onnxruntime's message above says why)")
         if CUDA in wanted and self.provider != CUDA:
             log.warning("CUDA provider requested but not active (see onnxruntime's message "
                         "on the CUDA/cuDNN libraries above); running on %s", self.provider)
@@ -237,7 +253,8 @@ class Classifier:
                         "export is the fast one", Path(path).name)
         self.io_binding = use_io_binding(settings, self.provider)
         self._device = ("cuda", settings.cuda_device) if self.provider == CUDA else ("cpu", 0)
-        self._inputs: dict[tuple[int, ...], ort.OrtValue] = {}  # reused buffers by shape
+        # Device buffers by batch shape, least recently used first.
+        self._inputs: OrderedDict[tuple[int, ...], ort.OrtValue] = OrderedDict()
         self._lock = threading.Lock()
         device = f" device {settings.cuda_device}" if self.provider == CUDA else ""
         log.info("model %s (sha256 %s…, %s %s, %d px) on %s%s with %d intra-op threads%s",
@@ -264,9 +281,11 @@ class Classifier:
         kept per batch shape (no allocation per call); the output is bound to host memory."""
         kind, device_id = self._device
         buffer = self._inputs.get(pixels.shape)
-        if buffer is None:
+        if buffer is not None:
+            self._inputs.move_to_end(pixels.shape)
+        else:
             if len(self._inputs) >= 8:  # a chunk's odd last batches: keep a few shapes
-                self._inputs.pop(next(iter(self._inputs)))
+                self._inputs.popitem(last=False)
             buffer = ort.OrtValue.ortvalue_from_shape_and_type(pixels.shape, np.uint8, kind,
                                                                device_id)
             self._inputs[pixels.shape] = buffer

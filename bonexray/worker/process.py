@@ -67,9 +67,11 @@ class ResultWriter:
     """Writes study results in a thread of its own while inference goes on.
 
     `put` hands over finished studies and returns at once; the thread writes whatever has
-    accumulated in one transaction, then waits for more. `close` waits for the last write
-    and raises the first write error, if any (the studies are then written again on retry:
-    results are upserts).
+    accumulated in one transaction, then waits for more. After a failed write `put` raises
+    that error (no point classifying what cannot be saved); `close` waits for the last
+    write and raises the first write error, if any. The chunk is then retried whole:
+    results are upserts. An in-memory SQLite database exists once per connection, so there
+    the writes happen in the caller's thread instead.
     """
 
     _STOP = None
@@ -81,12 +83,37 @@ class ResultWriter:
         self.write_ms = 0.0
         self.transactions = 0
         self.written = 0
+        url = engine.url
+        self.threaded = not (url.get_backend_name() == "sqlite"
+                             and url.database in (None, "", ":memory:"))
         self.thread = threading.Thread(target=self._run, name="result-writer", daemon=True)
-        self.thread.start()
+        if self.threaded:
+            self.thread.start()
 
     def put(self, results: list[StudyResult]) -> None:
-        if results:
+        if self.error is not None:
+            raise self.error
+        if not results:
+            return
+        if self.threaded:
             self.queue.put(list(results))
+        else:
+            self._write(list(results))
+            if self.error is not None:
+                raise self.error
+
+    def _write(self, results: list[StudyResult]) -> None:
+        start = time.perf_counter()
+        try:
+            with session_scope(self.engine) as session:
+                store.save_results(session=session, job_id=self.job_id, results=results,
+                                   worker=self.worker)
+        except BaseException as exc:  # handed to put() / close(), in the caller's thread
+            self.error = exc
+            return
+        self.write_ms += (time.perf_counter() - start) * 1000.0
+        self.transactions += 1
+        self.written += len(results)
 
     def _run(self) -> None:
         stop = False
@@ -96,24 +123,18 @@ class ResultWriter:
                 pending.append(self.queue.get())
             stop = pending[-1] is self._STOP
             results = [r for part in pending if part is not None for r in part]
-            if not results or self.error is not None:
-                continue  # after a failure: drain until stopped, write nothing more
-            start = time.perf_counter()
-            try:
-                with session_scope(self.engine) as session:
-                    store.save_results(session=session, job_id=self.job_id, results=results,
-                                       worker=self.worker)
-            except BaseException as exc:  # handed to close(), in the caller's thread
-                self.error = exc
-                continue
-            self.write_ms += (time.perf_counter() - start) * 1000.0
-            self.transactions += 1
-            self.written += len(results)
+            if results and self.error is None:  # after a failure: drain, write nothing
+                self._write(results)
 
-    def close(self) -> float:
-        """Wait for every write; the milliseconds spent writing. Raises a write's error."""
-        self.queue.put(self._STOP)
-        self.thread.join()
+    def close(self, timeout: float | None = None) -> float:
+        """Wait for every write (at most `timeout` s); the milliseconds spent writing.
+        Raises a write's error."""
+        if self.threaded:
+            self.queue.put(self._STOP)
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                raise TimeoutError(f"job {self.job_id}: the result writer did not finish "
+                                   f"within {timeout} s")
         if self.error is not None:
             raise self.error
         return self.write_ms
@@ -167,17 +188,25 @@ def process_chunk(*, engine: Engine, job_id: int, model_id: int, tasks: Sequence
         )
     except BaseException:
         with contextlib.suppress(BaseException):  # the pipeline's error is the one to see
-            writer.close()
+            writer.close(timeout=60)
         raise
     write_ms = writer.close()
     if stats:
-        # The chunk's write time (spent in the writer thread) is charged to its last batch.
+        # The chunk's write time (in the writer thread, beside inference, so not part of
+        # the wall time) is charged to its last batch.
         last = stats[-1]
         stats[-1] = BatchStat(last.n_views, last.decode_ms, last.infer_ms, write_ms)
-    with session_scope(engine) as session:
-        store.save_batch_stats(session=session, job_id=job_id, worker=worker,
-                               provider=classifier.provider, stats=stats)
-        store.finish_job_if_done(session=session, job_id=job_id)
+    try:
+        with session_scope(engine) as session:
+            store.save_batch_stats(session=session, job_id=job_id, worker=worker,
+                                   provider=classifier.provider, stats=stats)
+            store.finish_job_if_done(session=session, job_id=job_id)
+    except Exception as exc:
+        # Every result is saved: classifying the chunk again would not help. A job with no
+        # queued study counts as finished anyway (query.job_progress), and a later chunk
+        # stamps its finish time.
+        log.warning("job %d: results saved, but not the batch timings and finish check: "
+                    "%s", job_id, " ".join(str(exc).split())[:200])
     views = sum(len(r.views) for r in results)
     views_failed = sum(1 for r in results for v in r.views if v.error is not None)
     summary = ChunkSummary(

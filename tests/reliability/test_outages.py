@@ -215,3 +215,30 @@ def test_chunk_failing_every_retry_marks_its_studies_failed(tmp_path, cheap_mode
     assert status.returncode == 1 and "3 failed" in status.stdout
     assert "retry 1/1" in worker.log()
     assert worker.proc.poll() is None
+
+
+def test_locked_job_row_does_not_undo_saved_results(tmp_path, cheap_model, env, pg_url,
+                                                    workers):
+    # Only the chunk's last step (batch timings, the job's finish stamp) needs the job row;
+    # while it is locked, the results are written anyway and the chunk is not redone.
+    locked_url = make_url(pg_url).update_query_dict({"options": "-c lock_timeout=300"})
+    worker_env = {**env, "BONEXRAY_MAX_RETRIES": "1",
+                  "BONEXRAY_DATABASE_URL": locked_url.render_as_string(hide_password=False)}
+    root = make_tree(tmp_path / "data", studies=3)
+    job = json.loads(bonexray("enqueue", str(root), "--model", str(cheap_model), "--json",
+                              env=env).stdout)["job"]
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"), {"id": job})
+            worker = workers(worker_env, tmp_path / "worker.log")
+            wait_until(lambda: "results saved, but not the batch timings" in worker.log(), 90,
+                       "the chunk's last step to give up")
+            assert progress(pg_url, job)["finished"]  # no study is queued any more
+            conn.rollback()
+    finally:
+        engine.dispose()
+    rows = study_rows(pg_url, job)
+    assert {r["status"] for r in rows.values()} == {"done"}
+    assert all(r["attempts"] == 1 for r in rows.values())  # classified and written once
+    assert "retry" not in worker.log()

@@ -150,15 +150,22 @@ def test_studies_are_handed_over_as_soon_as_settled(tmp_path, tasks, batch_size)
         calls["n"] += 1
         return mean_prob(pixels)
 
+    handed_results: list[tuple[int, list]] = []
+
     def on_ready(results):
         handed.append((calls["n"], [r.study_id for r in results]))
+        handed_results.append((calls["n"], list(results)))
 
     results, stats = classify_studies(tasks, predict=counting_predict, input_size=SIZE,
                                       resize="stretch", threshold=0.5, on_ready=on_ready,
                                       options=PipelineOptions(batch_size=batch_size))
-    # Every study exactly once, in order, each part as the same objects as returned.
+    # Every study exactly once, in order, complete: what was handed over is what a run
+    # without hand-over returns (every view has its probability or its error).
     assert [i for _, ids in handed for i in ids] == [t.id for t in tasks]
-    assert [r.study_id for r in results] == [t.id for t in tasks]
+    reference, _ = run(tasks, batch_size=batch_size)
+    assert [r for _, part in handed_results for r in part] == reference == results
+    assert all((v.prob is None) != (v.error is None)
+               for _, part in handed_results for r in part for v in r.views)
     # A study is handed over once its last view's batch has run, not at the end of the chunk.
     ends, flat = [], 0
     for t in tasks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from bonexray.db.models import BatchStat as BatchStatRow
 from bonexray.db.models import Study
@@ -94,15 +96,59 @@ def test_a_failed_write_fails_the_chunk_for_a_retry(job, pg_engine, monkeypatch)
     def flaky(**kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
-            raise RuntimeError("connection reset while writing")
+            raise OperationalError("UPDATE studies", {}, Exception("connection reset"))
         return real(**kwargs)
 
     monkeypatch.setattr(process.store, "save_results", flaky)
     settings = Settings(database_url="unused://", batch_size=2, decode_threads=1)
-    with pytest.raises(RuntimeError, match="connection reset"):
+    with pytest.raises(OperationalError, match="connection reset"):
         process.process_chunk(engine=pg_engine, job_id=job.job_id, model_id=job.model_id,
                               tasks=job.tasks, settings=settings)
     # The retry (Celery's, here by hand) writes everything; the upserts make it safe.
     summary = process.process_chunk(engine=pg_engine, job_id=job.job_id,
                                     model_id=job.model_id, tasks=job.tasks, settings=settings)
     assert summary.done == 6 and written(pg_engine, job.job_id) == 6
+
+
+def test_inference_stops_at_the_first_failed_write(job, pg_engine, monkeypatch):
+    def broken(**kwargs):
+        raise OperationalError("UPDATE studies", {}, Exception("server closed the connection"))
+
+    first_write_over = threading.Event()
+    real_write = process.ResultWriter._write
+
+    def write_and_signal(self, results):
+        real_write(self, results)
+        first_write_over.set()
+
+    batches = {"n": 0}
+    real = process.classify_studies
+
+    def counting(tasks, *, predict, **kwargs):
+        def predict_and_count(pixels):
+            batches["n"] += 1
+            if batches["n"] == 2:  # let the first study's write fail before going on
+                assert first_write_over.wait(20)
+            return predict(pixels)
+        return real(tasks, predict=predict_and_count, **kwargs)
+
+    monkeypatch.setattr(process.store, "save_results", broken)
+    monkeypatch.setattr(process.ResultWriter, "_write", write_and_signal)
+    monkeypatch.setattr(process, "classify_studies", counting)
+    settings = Settings(database_url="unused://", batch_size=1, decode_threads=1)
+    with pytest.raises(OperationalError, match="server closed"):
+        process.process_chunk(engine=pg_engine, job_id=job.job_id, model_id=job.model_id,
+                              tasks=job.tasks, settings=settings)
+    assert batches["n"] == 2  # the chunk gave up at the next hand-over, not after 6 batches
+    assert written(pg_engine, job.job_id) == 0
+
+
+def test_in_memory_sqlite_is_written_in_the_callers_thread(tmp_path):
+    engine = open_database("sqlite://")
+    root = make_studies(tmp_path / "data", studies=3, views=2)
+    model = resolve_model(engine=engine, ref=write_cheap_model(tmp_path / "c.onnx",
+                                                               image_size=16))
+    job = prepare_job(engine=engine, root=str(root), model=model, mode="embedded")
+    summary = process.process_chunk(engine=engine, job_id=job.job_id, model_id=job.model_id,
+                                    tasks=job.tasks, settings=Settings(batch_size=2))
+    assert summary.done == 3 and written(engine, job.job_id) == 3
