@@ -357,6 +357,8 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         "int8_over_ort": (result["ort_int8_ips"] / ort_ips
                           if result["ort_int8_ips"] else None),
     }
+    result["ratios"] = {k: (round(v, 3) if v is not None else None)
+                        for k, v in result["ratios"].items()}
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}
 
 

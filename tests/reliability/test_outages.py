@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -186,10 +187,12 @@ def test_database_unavailable_for_a_while_retries_and_completes(tmp_path, cheap_
         proxy.close()
 
 
-def test_chunk_failing_every_retry_marks_its_studies_failed(tmp_path, cheap_model, env, pg_url,
-                                                           workers):
-    # The database answers but the views table stays locked against writes: every write of
-    # the chunk's results times out (and rolls back its study rows with it).
+@contextlib.contextmanager
+def worker_behind_a_lock(tmp_path: Path, cheap_model: Path, env: dict[str, str], pg_url: str,
+                         workers: Any, lock_sql: str) -> Iterator[tuple[int, Any]]:
+    """Enqueue 3 studies, take a lock with `lock_sql` (":job" is the job id), then start a
+    worker whose statements give up after 300 ms of waiting for a lock and which retries a
+    chunk once. Yields (job id, worker) while the lock is held."""
     locked_url = make_url(pg_url).update_query_dict({"options": "-c lock_timeout=300"})
     worker_env = {**env, "BONEXRAY_MAX_RETRIES": "1",
                   "BONEXRAY_DATABASE_URL": locked_url.render_as_string(hide_password=False)}
@@ -199,13 +202,20 @@ def test_chunk_failing_every_retry_marks_its_studies_failed(tmp_path, cheap_mode
     engine = create_engine(pg_url)
     try:
         with engine.connect() as conn:
-            conn.execute(text("LOCK TABLE views IN SHARE MODE"))
-            worker = workers(worker_env, tmp_path / "worker.log")
-            wait_until(lambda: progress(pg_url, job)["queued"] == 0, 90,
-                       "the chunk to give up")
+            conn.execute(text(lock_sql), {"job": job} if ":job" in lock_sql else {})
+            yield job, workers(worker_env, tmp_path / "worker.log")
             conn.rollback()
     finally:
         engine.dispose()
+
+
+def test_chunk_failing_every_retry_marks_its_studies_failed(tmp_path, cheap_model, env, pg_url,
+                                                           workers):
+    # The database answers but the views table stays locked against writes: every write of
+    # the chunk's results times out (and rolls back its study rows with it).
+    with worker_behind_a_lock(tmp_path, cheap_model, env, pg_url, workers,
+                              "LOCK TABLE views IN SHARE MODE") as (job, worker):
+        wait_until(lambda: progress(pg_url, job)["queued"] == 0, 90, "the chunk to give up")
     rows = study_rows(pg_url, job)
     assert {r["status"] for r in rows.values()} == {"failed"}
     assert all("database error after 1 retries" in r["error"] and "lock" in r["error"]
@@ -221,23 +231,11 @@ def test_locked_job_row_does_not_undo_saved_results(tmp_path, cheap_model, env, 
                                                     workers):
     # Only the chunk's last step (batch timings, the job's finish stamp) needs the job row;
     # while it is locked, the results are written anyway and the chunk is not redone.
-    locked_url = make_url(pg_url).update_query_dict({"options": "-c lock_timeout=300"})
-    worker_env = {**env, "BONEXRAY_MAX_RETRIES": "1",
-                  "BONEXRAY_DATABASE_URL": locked_url.render_as_string(hide_password=False)}
-    root = make_tree(tmp_path / "data", studies=3)
-    job = json.loads(bonexray("enqueue", str(root), "--model", str(cheap_model), "--json",
-                              env=env).stdout)["job"]
-    engine = create_engine(pg_url)
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"), {"id": job})
-            worker = workers(worker_env, tmp_path / "worker.log")
-            wait_until(lambda: "results saved, but not the batch timings" in worker.log(), 90,
-                       "the chunk's last step to give up")
-            assert progress(pg_url, job)["finished"]  # no study is queued any more
-            conn.rollback()
-    finally:
-        engine.dispose()
+    with worker_behind_a_lock(tmp_path, cheap_model, env, pg_url, workers,
+                              "SELECT id FROM jobs WHERE id = :job FOR UPDATE") as (job, worker):
+        wait_until(lambda: "results saved, but not the batch timings" in worker.log(), 90,
+                   "the chunk's last step to give up")
+        assert progress(pg_url, job)["finished"]  # no study is queued any more
     rows = study_rows(pg_url, job)
     assert {r["status"] for r in rows.values()} == {"done"}
     assert all(r["attempts"] == 1 for r in rows.values())  # classified and written once
