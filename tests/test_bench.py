@@ -1,4 +1,9 @@
-"""The throughput benchmark runs end to end (tiny sizes; its figures are not judged here)."""
+"""The throughput benchmark runs end to end (tiny sizes; its figures are not judged here).
+
+It runs as a `bonexray bench` subprocess, as a user runs it: the benchmark talks to the
+broker through an in-process Celery app, and a pytest process that later forks (the
+trainer's DataLoader workers) must not inherit that app's connections.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import json
 
 import pytest
 
-from bonexray.bench import BenchConfig, format_result, run_benchmark
+from tests.cli_helpers import bonexray
 from tests.conftest import PG_ADMIN_URL
 
 FIGURES = ("torch_eager_ips", "ort_ips", "ort_int8_ips", "decode_ips", "pipeline_ips",
@@ -15,11 +20,14 @@ FIGURES = ("torch_eager_ips", "ort_ips", "ort_int8_ips", "decode_ips", "pipeline
 
 @pytest.mark.slow
 def test_benchmark_measures_every_figure_in_one_run(redis_url, tmp_path):
-    config = BenchConfig(image_size=32, batch=4, images=12, views_per_study=2,
-                         source_side=96, control_studies=40, repeats=2,
-                         database_url=PG_ADMIN_URL, broker_url=redis_url,
-                         workdir=str(tmp_path))
-    result = json.loads(format_result(run_benchmark(config)))
+    out = tmp_path / "bench.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    run = bonexray("bench", "--image-size", "32", "--batch", "4", "--images", "12",
+                   "--control-studies", "40", "--repeats", "2", "--pg-admin-url", PG_ADMIN_URL,
+                   "--broker", redis_url, "--out", str(out), env={"TMPDIR": str(work)})
+    result = json.loads(run.stdout.strip().splitlines()[-1])  # the last line is the JSON
+    assert json.loads(out.read_text()) == result
     for name in FIGURES:
         assert isinstance(result[name], float) and result[name] > 0, name
     assert result["provider"] == "CPUExecutionProvider"
@@ -33,4 +41,4 @@ def test_benchmark_measures_every_figure_in_one_run(redis_url, tmp_path):
     ratios = result["ratios"]
     assert ratios["pipeline_over_ort"] == pytest.approx(
         result["pipeline_ips"] / result["ort_ips"], rel=0.01)
-    assert list(tmp_path.iterdir()) == []  # its files are removed
+    assert not list(work.glob("bonexray-bench-*"))  # its files are removed
