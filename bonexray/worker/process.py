@@ -81,8 +81,6 @@ class ResultWriter:
         self.queue: queue.SimpleQueue[list[StudyResult] | None] = queue.SimpleQueue()
         self.error: BaseException | None = None
         self.write_ms = 0.0
-        self.transactions = 0
-        self.written = 0
         url = engine.url
         self.threaded = not (url.get_backend_name() == "sqlite"
                              and url.database in (None, "", ":memory:"))
@@ -112,8 +110,6 @@ class ResultWriter:
             self.error = exc
             return
         self.write_ms += (time.perf_counter() - start) * 1000.0
-        self.transactions += 1
-        self.written += len(results)
 
     def _run(self) -> None:
         stop = False
