@@ -71,9 +71,15 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def pg_engine(pg_url: str) -> Engine:
-    """The session database's engine, migrated to head once."""
-    return open_database(pg_url)
+def pg_engine() -> Iterator[Engine]:
+    """An engine on a database of its own, migrated to head once, for the `session`
+    fixture whose every write is rolled back: tests that commit (workers, CLI runs) use
+    `pg_url`, and their rows must not show up in these tests' queries."""
+    url = create_pg_database("bonexray_rollback")
+    try:
+        yield open_database(url)
+    finally:
+        drop_pg_database(url)
 
 
 @pytest.fixture
