@@ -74,8 +74,8 @@ def classify_studies(
     """
     opts = options or PipelineOptions()
     how = opts.aggregation or aggregation
-    flat: list[tuple[int, str]] = [(t, v) for t, task in enumerate(tasks) for v in task.views]
-    # ends[t]: one past the flat index of study t's last view.
+    # Every view of the chunk in order; ends[t]: one past the index of study t's last view.
+    views = [path for task in tasks for path in task.views]
     ends: list[int] = []
     for task in tasks:
         ends.append((ends[-1] if ends else 0) + len(task.views))
@@ -102,7 +102,7 @@ def classify_studies(
         return StudyResult(task.id, task.path, DONE, score, prediction, view_results)
 
     def release(settled: int) -> None:
-        """Finish (and hand over) every study whose views all lie below flat index `settled`."""
+        """Finish (and hand over) every study whose views all lie below index `settled`."""
         start = len(results)
         while len(results) < len(tasks) and ends[len(results)] <= settled:
             results.append(finish(len(results)))
@@ -136,7 +136,6 @@ def classify_studies(
         wait_ms = 0.0
 
     release(0)  # leading studies without views
-    views = [path for _, path in flat]
     for index, future in _decode_ahead(views, decode, opts.decode_threads, opts.prefetch_views):
         start = time.perf_counter()
         try:
@@ -155,5 +154,5 @@ def classify_studies(
             run_batch()
             release(index + 1)
     run_batch()
-    release(len(flat))
+    release(len(views))
     return results, stats

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -39,6 +40,13 @@ def write_study(folder: Path, views: int, value: int = 128) -> Path:
     for k in range(views):
         (folder / f"image{k + 1}.png").write_bytes(png_bytes(value + k))
     return folder
+
+
+def enqueue(folder: Path, model: Path, env: dict[str, str], *extra: str) -> dict[str, Any]:
+    """`bonexray enqueue FOLDER --model MODEL --json [EXTRA]`: its JSON summary."""
+    out = bonexray("enqueue", str(folder), "--model", str(model), "--json", *extra, env=env)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ as exactly one scored view or one error row, and the study, the job and the work
 from __future__ import annotations
 
 import io
-import json
 import struct
 import zlib
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from bonexray.imaging import is_view_file
-from tests.reliability.conftest import bonexray, study_rows, wait_finished
+from tests.reliability.conftest import enqueue, study_rows, wait_finished
 
 
 def _gray(h: int, w: int) -> np.ndarray:
@@ -93,8 +92,7 @@ def test_every_view_is_scored_or_has_an_error_row(tmp_path, cheap_model, env, pg
     on_disk = sorted(p.name for p in study.iterdir() if is_view_file(p.name))
     assert on_disk == sorted(expect)  # the corpus's own check: these, and only these, are views
 
-    summary = json.loads(bonexray("enqueue", str(root), "--model", str(cheap_model), "--json",
-                                  env=env).stdout)
+    summary = enqueue(root, cheap_model, env)
     assert summary["studies"] == 3 and summary["views"] == len(expect) + 1
     (study / "deleted before processing.png").unlink()  # gone between enqueue and the worker
     worker = workers(env, tmp_path / "worker.log")
@@ -119,8 +117,7 @@ def test_every_view_is_scored_or_has_an_error_row(tmp_path, cheap_model, env, pg
     assert rows[str(root / "XR_HAND" / "patient 3" / "study1_negative")]["status"] == "empty"
 
     # The worker is still there and takes the next job.
-    again = json.loads(bonexray("enqueue", str(root / "XR_HAND"), "--model", str(cheap_model),
-                                "--json", "--force", env=env).stdout)
+    again = enqueue(root / "XR_HAND", cheap_model, env, "--force")
     assert wait_finished(pg_url, again["job"])["finished"]
     assert worker.proc.poll() is None
     assert "Müller" not in worker.log()  # INFO logs name jobs and counts, not patient folders

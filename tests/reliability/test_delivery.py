@@ -17,6 +17,7 @@ from tests.reliability.conftest import (
     Gate,
     bonexray,
     count_view_rows,
+    enqueue,
     png_bytes,
     progress,
     study_rows,
@@ -39,12 +40,6 @@ def make_tree(root: Path, studies: int, start: int = 0) -> Path:
     for i in range(start, start + studies):
         write_study(study_dir(root, i), 2, value=60 + 10 * i)
     return root
-
-
-def enqueue(folder: Path, model: Path, env: dict[str, str], *extra: str) -> dict[str, Any]:
-    out = bonexray("enqueue", str(folder), "--model", str(model), "--json", *extra, env=env)
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
 
 
 def assert_all_done_once(url: str, job_id: int, studies: int, views: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from tests.reliability.conftest import (
     RedisServer,
     bonexray,
     count_view_rows,
+    enqueue,
     png_bytes,
     progress,
     study_rows,
@@ -55,8 +56,7 @@ def test_redis_restart_without_persistence_then_requeue(tmp_path, cheap_model, e
     gate = Gate(study_dir(root, 0) / "gate.png")
     worker = workers(env, tmp_path / "worker.log")
     worker.wait_ready()
-    job = json.loads(bonexray("enqueue", str(root), "--model", str(cheap_model), "--json",
-                              env=env).stdout)["job"]
+    job = enqueue(root, cheap_model, env)["job"]
     fd = gate.wait_reader()  # chunk 1 running, chunk 2 waiting in Redis
     private_redis.stop()
     private_redis.start()  # empty: the waiting chunk is gone
@@ -84,8 +84,7 @@ def test_redis_restart_with_persistence_keeps_queued_chunks(tmp_path, cheap_mode
     gate = Gate(study_dir(root, 0) / "gate.png")
     worker = workers(env, tmp_path / "worker.log")
     worker.wait_ready()
-    job = json.loads(bonexray("enqueue", str(root), "--model", str(cheap_model), "--json",
-                              env=env).stdout)["job"]
+    job = enqueue(root, cheap_model, env)["job"]
     fd = gate.wait_reader()
     private_redis.stop()
     private_redis.start()  # the AOF brings the waiting chunk back
@@ -168,8 +167,7 @@ def test_database_unavailable_for_a_while_retries_and_completes(tmp_path, cheap_
         gate = Gate(study_dir(root, 1) / "gate.png")
         worker = workers(worker_env, tmp_path / "worker.log")
         worker.wait_ready()
-        job = json.loads(bonexray("enqueue", str(root), "--model", str(cheap_model), "--json",
-                                  env=env).stdout)["job"]
+        job = enqueue(root, cheap_model, env)["job"]
         fd = gate.wait_reader()
         proxy.down()  # the database goes away while the chunk is being decoded
         gate.release(png_bytes(90), settle=True, fd=fd)
@@ -197,8 +195,7 @@ def worker_behind_a_lock(tmp_path: Path, cheap_model: Path, env: dict[str, str],
     worker_env = {**env, "BONEXRAY_MAX_RETRIES": "1",
                   "BONEXRAY_DATABASE_URL": locked_url.render_as_string(hide_password=False)}
     root = make_tree(tmp_path / "data", studies=3)
-    job = json.loads(bonexray("enqueue", str(root), "--model", str(cheap_model), "--json",
-                              env=env).stdout)["job"]
+    job = enqueue(root, cheap_model, env)["job"]
     engine = create_engine(pg_url)
     try:
         with engine.connect() as conn:
