@@ -30,10 +30,12 @@ MIN_JUDGED_STUDIES = 200  # below this many validation studies the bound only wa
 CALIBRATION_IMAGES = 128
 CALIBRATION_BATCH = 8
 CALIBRATION_SEED = 0
-# Only convolutions and the head's products are quantized: the input's scaling, BatchNorm
-# in front of the ReLUs, the pooling and the sigmoid stay fp32, so abnormal_prob keeps its
-# full resolution (a quantized sigmoid output would move in steps of 1/255).
-INT8_OPS = ("Conv", "Gemm", "MatMul")
+# Convolutions, the head's products, the ReLUs and the concatenations are quantized, and
+# DenseNet's pre-activation BatchNorms become depthwise 1x1 convolutions first (see
+# _batchnorms_as_convs), so that a dense block runs end to end in uint8 (NHWC) with no
+# fp32 detour between layers. The input's scaling and the sigmoid stay fp32, so
+# abnormal_prob keeps its full resolution (a quantized sigmoid would move in 1/255 steps).
+INT8_OPS = ("Conv", "Gemm", "MatMul", "Relu", "Concat")
 # fp16: the sigmoid stays fp32 too, on top of onnxruntime's own list of fragile ops.
 FP16_FP32_OPS = ("Sigmoid",)
 
@@ -202,6 +204,63 @@ def _sort_nodes(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The graph's constant tensors by name: initializers and Constant nodes' values."""
+    found = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None:
+            found[node.output[0]] = value
+    return found
+
+
+def _batchnorms_as_convs(model: onnx.ModelProto) -> int:
+    """Rewrite, in place, each inference BatchNormalization over a 4-D tensor left after the
+    pre-processing folded those that follow a convolution (DenseNet's norm1 in front of
+    every layer's ReLU, the transitions' and norm5 see a concatenation) as the equivalent
+    depthwise 1x1 Conv: y = x * a + c per channel, a = gamma / sqrt(var + eps), c = beta - mean * a.
+    As a Conv it is quantized like the others (one exact int8 weight per channel), so the
+    concatenation, the BatchNorm, the ReLU and the next convolution all stay in uint8;
+    as a BatchNorm it forced a dequantize, an fp32 pass and a requantize (plus NHWC <-> NCHW
+    transposes) in front of every layer. Returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in [*graph.value_info, *graph.input, *graph.output]
+             if v.type.tensor_type.HasField("shape")}
+    constants = _constants(graph)
+    rewritten = 0
+    for index, node in enumerate(graph.node):
+        if node.op_type != "BatchNormalization" or len(node.output) != 1:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("training_mode", 0) or ranks.get(node.input[0]) != 4:
+            continue
+        if not all(name in constants for name in node.input[1:5]):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(constants[name]).astype(np.float64)
+                                  for name in node.input[1:5])
+        scale = gamma / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
+        shift = beta - mean * scale
+        channels = scale.shape[0]
+        weight, bias = f"{node.output[0]}_as_conv_w", f"{node.output[0]}_as_conv_b"
+        graph.initializer.extend([
+            numpy_helper.from_array(scale.astype(np.float32).reshape(channels, 1, 1, 1), weight),
+            numpy_helper.from_array(shift.astype(np.float32), bias),
+        ])
+        conv = helper.make_node("Conv", [node.input[0], weight, bias], list(node.output),
+                                name=f"{node.name or node.output[0]}_as_conv",
+                                group=channels, kernel_shape=[1, 1])
+        graph.node[index].CopyFrom(conv)
+        rewritten += 1
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    unused = [init for init in graph.initializer if init.name not in used]
+    for init in unused:  # the BatchNorms' own parameters
+        graph.initializer.remove(init)
+    return rewritten
+
+
 class _Batches:
     """onnxruntime's CalibrationDataReader protocol over an array of uint8 images."""
 
@@ -216,7 +275,13 @@ class _Batches:
 def convert_int8(src: str | Path, dst: str | Path, *, images: np.ndarray,
                  batch: int = CALIBRATION_BATCH) -> dict[str, Any]:
     """Static QDQ quantization: int8 per-channel weights, uint8 activations whose ranges
-    (MinMax) come from `images`. Dynamic quantization is 4x slower for CNNs: never used."""
+    (MinMax) come from `images`. Dynamic quantization is 4x slower for CNNs: never used.
+
+    Weights use 7 bits (reduce_range): on x86 CPUs without VNNI (AVX2 only, as most cloud
+    vCPUs) onnxruntime's uint8 x int8 kernels add pairs of products in saturating int16,
+    and full-range weights against activations near 255 overflow it (errors of 20% of the
+    output range in tests/export/test_precision.py). The model must be right on every
+    worker, not only on the machine that exported it."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -230,14 +295,19 @@ def convert_int8(src: str | Path, dst: str | Path, *, images: np.ndarray,
         # Shape inference and graph folding (BatchNorm into the preceding Conv) first, as
         # onnxruntime recommends, so that the folded convolutions are what gets quantized.
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        proto = onnx.load(str(prepared))
+        as_convs = _batchnorms_as_convs(proto)
+        onnx.save(proto, str(prepared), save_as_external_data=False)
         quantize_static(
             str(prepared), str(dst), _Batches(images, batch),  # type: ignore[arg-type]
-            quant_format=QuantFormat.QDQ, per_channel=True,
+            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             op_types_to_quantize=list(INT8_OPS), calibrate_method=CalibrationMethod.MinMax,
         )
-    return {"format": "QDQ", "per_channel": True, "weights": "int8", "activations": "uint8",
-            "calibration_method": "MinMax", "ops": list(INT8_OPS)}
+    return {"format": "QDQ", "per_channel": True, "weights": "int8", "reduce_range": True,
+            "activations": "uint8",
+            "calibration_method": "MinMax", "ops": list(INT8_OPS),
+            "batchnorms_as_convs": as_convs}
 
 
 # ---------------------------------------------------------------------------- judging

@@ -17,6 +17,8 @@ from bonexray.export.quantize import (
     AUROC_BOUND,
     MIN_JUDGED_STUDIES,
     PrecisionError,
+    _batchnorms_as_convs,
+    convert_int8,
     judge_precision,
     quantize_int8,
 )
@@ -140,6 +142,97 @@ def test_int8_is_static_qdq_calibrated_on_training_views(trained_checkpoint: Pat
         p32 = torch.sigmoid(net(torch.from_numpy(pixels))).numpy()
     assert p8.dtype == np.float32 and p8.shape == (7,)
     assert np.abs(p8 - p32).max() < 0.1
+
+
+def optimized_ops(path: str | Path, tmp_path: Path) -> list[str]:
+    """The node types of the graph onnxruntime's CPU provider actually runs."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_int8_dense_blocks_run_in_uint8(trained_checkpoint: Path, tmp_path: Path) -> None:
+    """No fp32 detour between layers: onnxruntime fuses the whole feature extractor into
+    QLinear kernels (the BatchNorms rewritten as depthwise convolutions, the concatenations
+    quantized), instead of a dequantize - BatchNorm - quantize - transpose round trip in
+    front of every layer."""
+    out = tmp_path / "int8.onnx"
+    export_model(str(trained_checkpoint), str(out), precision="int8", parity_batches=(1,),
+                 calibration_images=16)
+    quantization = parse_metadata(props(out)).json_prop("quantization")
+    assert quantization["batchnorms_as_convs"] == 86  # 82 layers, 3 transitions, norm5
+    ops = optimized_ops(out, tmp_path)
+    assert "BatchNormalization" not in ops
+    assert ops.count("QLinearConcat") == 86 and "Concat" not in ops
+    assert ops.count("QLinearConv") == 168 + 86 and "Conv" not in ops
+    assert ops.count("DequantizeLinear") <= 4 and ops.count("Transpose") <= 4
+
+
+def test_batchnorm_rewrite_keeps_the_outputs(tmp_path: Path) -> None:
+    """Every 4-D inference BatchNorm that is left becomes a depthwise 1x1 Conv computing the
+    same function (checked with random statistics); the head's 1-D BatchNorm is left alone."""
+    path = write_checkpoint(tmp_path / "net.pt", image_size=SIZE, data=str(tmp_path))
+    checkpoint = torch.load(path, weights_only=False)
+    rng = torch.Generator().manual_seed(3)
+    for key, value in checkpoint["model"].items():
+        if key.endswith(("running_mean", "bias")) and value.dtype == torch.float32:
+            checkpoint["model"][key] = torch.randn(value.shape, generator=rng) * 0.2
+        elif key.endswith(("running_var", "weight")) and value.dim() == 1:
+            checkpoint["model"][key] = torch.rand(value.shape, generator=rng) + 0.5
+    torch.save(checkpoint, path)
+    fp32 = tmp_path / "fp32.onnx"
+    export_model(str(path), str(fp32), parity_batches=(1,))
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(fp32)))
+    before = [n.op_type for n in proto.graph.node].count("BatchNormalization")
+    assert _batchnorms_as_convs(proto) == before - 1  # all but the head's BatchNorm1d
+    (kept,) = [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
+    assert "classifier" in kept.name
+    onnx.checker.check_model(proto)
+    rewritten = tmp_path / "rewritten.onnx"
+    onnx.save(proto, str(rewritten))
+    pixels, _ = fresh_views(5, seed=9)
+    (want,) = session(fp32).run([OUTPUT_PROB], {INPUT_NAME: pixels})
+    (got,) = session(rewritten).run([OUTPUT_PROB], {INPUT_NAME: pixels})
+    assert np.abs(want - 0.5).max() > 1e-3  # the random statistics reach the output
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_int8_stays_close_on_hard_cases(tmp_path: Path) -> None:
+    """Two traps of int8 on the CPU. A trained BatchNorm can scale a channel by ~0 and shift
+    it by a lot: as a depthwise conv its weight scale is then tiny and the int32 bias
+    (shift / (input scale x weight scale)) would overflow unless the quantizer widens that
+    scale. And activations near 255 against full-range int8 weights overflow the saturating
+    int16 pair sums of onnxruntime's AVX2 kernels (without reduce_range: error 1.45 of 8.3
+    on a machine without VNNI)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    channels = 8
+    gamma = np.linspace(0.5, 2.0, channels).astype(np.float32)
+    gamma[3] = 1e-9  # the dead channel
+    beta = np.linspace(-0.5, 1.5, channels).astype(np.float32)
+    beta[3] = 2.0
+    rng = np.random.default_rng(0)
+    conv_w = rng.normal(0, 0.3, (4, channels, 1, 1)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (gamma, "g"), (beta, "b"), (np.zeros(channels, np.float32), "m"),
+        (np.ones(channels, np.float32), "v"), (conv_w, "w")]]
+    graph = helper.make_graph([
+        helper.make_node("Concat", ["pixels", "pixels"], ["cat"], axis=1),
+        helper.make_node("BatchNormalization", ["cat", "g", "b", "m", "v"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["act"]),
+        helper.make_node("Conv", ["act", "w"], ["out"]),
+    ], "deadchannel", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT,
+                                                     ["n", channels // 2, 6, 6])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 4, 6, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    onnx.save(model, str(fp32))
+    images = rng.uniform(0, 3, (32, channels // 2, 6, 6)).astype(np.float32)
+    assert convert_int8(fp32, int8, images=images)["batchnorms_as_convs"] == 1
+    (want,) = session(fp32).run(["out"], {INPUT_NAME: images[:4]})
+    (got,) = session(int8).run(["out"], {INPUT_NAME: images[:4]})
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
 def test_int8_from_the_cli_with_a_calibration_folder(trained_checkpoint: Path, sign_data: Path,
