@@ -30,12 +30,16 @@ MIN_JUDGED_STUDIES = 200  # below this many validation studies the bound only wa
 CALIBRATION_IMAGES = 128
 CALIBRATION_BATCH = 8
 CALIBRATION_SEED = 0
-# Convolutions, the head's products, the ReLUs and the concatenations are quantized, and
-# DenseNet's pre-activation BatchNorms become depthwise 1x1 convolutions first (see
-# _batchnorms_as_convs), so that a dense block runs end to end in uint8 (NHWC) with no
-# fp32 detour between layers. The input's scaling and the sigmoid stay fp32, so
-# abnormal_prob keeps its full resolution (a quantized sigmoid would move in 1/255 steps).
+# Convolutions, the head's products, the ReLUs and the concatenations that feed
+# convolutions are quantized, and DenseNet's pre-activation BatchNorms become depthwise 1x1
+# convolutions first (see _batchnorms_as_convs), so that a dense block runs end to end in
+# uint8 (NHWC) with no fp32 detour between layers. The input's scaling, the sigmoid and an
+# ensemble's stacking of member outputs stay fp32, so abnormal_prob keeps its full
+# resolution (quantized, it would move in 1/255 steps and clip at the calibrated range).
 INT8_OPS = ("Conv", "Gemm", "MatMul", "Relu", "Concat")
+# The head's products keep fp32 outputs: a quantized logit would be clipped to the range
+# seen in calibration, so every view beyond it would get the same score.
+FP32_OUTPUT_OPS = ("Gemm", "MatMul")
 # fp16: the sigmoid stays fp32 too, on top of onnxruntime's own list of fragile ops.
 FP16_FP32_OPS = ("Sigmoid",)
 
@@ -218,8 +222,9 @@ def _batchnorms_as_convs(model: onnx.ModelProto) -> int:
     """Rewrite, in place, each inference BatchNormalization over a 4-D tensor left after the
     pre-processing folded those that follow a convolution (DenseNet's norm1 in front of
     every layer's ReLU, the transitions' and norm5 see a concatenation) as the equivalent
-    depthwise 1x1 Conv: y = x * a + c per channel, a = gamma / sqrt(var + eps), c = beta - mean * a.
-    As a Conv it is quantized like the others (one exact int8 weight per channel), so the
+    depthwise 1x1 Conv: y = x * a + c per channel, a = gamma / sqrt(var + eps),
+    c = beta - mean * a. As a Conv it is quantized like the others (one int8 weight per
+    channel, exact unless the quantizer widens its scale to fit the int32 bias), so the
     concatenation, the BatchNorm, the ReLU and the next convolution all stay in uint8;
     as a BatchNorm it forced a dequantize, an fp32 pass and a requantize (plus NHWC <-> NCHW
     transposes) in front of every layer. Returns how many were rewritten."""
@@ -230,14 +235,16 @@ def _batchnorms_as_convs(model: onnx.ModelProto) -> int:
              for v in [*graph.value_info, *graph.input, *graph.output]
              if v.type.tensor_type.HasField("shape")}
     constants = _constants(graph)
+    replaced: set[str] = set()
     rewritten = 0
     for index, node in enumerate(graph.node):
         if node.op_type != "BatchNormalization" or len(node.output) != 1:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("training_mode", 0) or ranks.get(node.input[0]) != 4:
-            continue
-        if not all(name in constants for name in node.input[1:5]):
+        if attrs.get("training_mode", 0) or ranks.get(node.input[0]) != 4 \
+                or not all(name in constants for name in node.input[1:5]):
+            log.debug("int8: BatchNorm %s left as it is (rank %s)", node.name,
+                      ranks.get(node.input[0]))
             continue
         gamma, beta, mean, var = (numpy_helper.to_array(constants[name]).astype(np.float64)
                                   for name in node.input[1:5])
@@ -249,16 +256,34 @@ def _batchnorms_as_convs(model: onnx.ModelProto) -> int:
             numpy_helper.from_array(scale.astype(np.float32).reshape(channels, 1, 1, 1), weight),
             numpy_helper.from_array(shift.astype(np.float32), bias),
         ])
+        replaced.update(node.input[1:5])
         conv = helper.make_node("Conv", [node.input[0], weight, bias], list(node.output),
                                 name=f"{node.name or node.output[0]}_as_conv",
                                 group=channels, kernel_shape=[1, 1])
         graph.node[index].CopyFrom(conv)
         rewritten += 1
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    unused = [init for init in graph.initializer if init.name not in used]
-    for init in unused:  # the BatchNorms' own parameters
-        graph.initializer.remove(init)
+    used = {name for node in graph.node for name in node.input}
+    used |= {v.name for v in [*graph.input, *graph.output]}
+    for init in [i for i in graph.initializer if i.name in replaced and i.name not in used]:
+        graph.initializer.remove(init)  # the rewritten BatchNorms' own parameters
     return rewritten
+
+
+def _concats_kept_fp32(graph: onnx.GraphProto) -> list[str]:
+    """Names of the Concat nodes that do not only feed convolutions (naming any unnamed
+    node): an ensemble stacks its members' probabilities and CAMs with a Concat, and those
+    must not pass through uint8."""
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            node.name = f"bonexray_{node.op_type}_{index}"
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    outputs = {o.name for o in graph.output}
+    return [node.name for node in graph.node if node.op_type == "Concat" and (
+        node.output[0] in outputs
+        or set(consumers.get(node.output[0], [])) != {"Conv"})]
 
 
 class _Batches:
@@ -297,16 +322,20 @@ def convert_int8(src: str | Path, dst: str | Path, *, images: np.ndarray,
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         proto = onnx.load(str(prepared))
         as_convs = _batchnorms_as_convs(proto)
+        kept_fp32 = _concats_kept_fp32(proto.graph)
         onnx.save(proto, str(prepared), save_as_external_data=False)
         quantize_static(
             str(prepared), str(dst), _Batches(images, batch),  # type: ignore[arg-type]
             quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            op_types_to_quantize=list(INT8_OPS), calibrate_method=CalibrationMethod.MinMax,
+            op_types_to_quantize=list(INT8_OPS), nodes_to_exclude=kept_fp32,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"OpTypesToExcludeOutputQuantization": list(FP32_OUTPUT_OPS)},
         )
     return {"format": "QDQ", "per_channel": True, "weights": "int8", "reduce_range": True,
             "activations": "uint8",
             "calibration_method": "MinMax", "ops": list(INT8_OPS),
+            "fp32_outputs": list(FP32_OUTPUT_OPS),
             "batchnorms_as_convs": as_convs}
 
 

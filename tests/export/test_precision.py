@@ -122,8 +122,13 @@ def test_int8_is_static_qdq_calibrated_on_training_views(trained_checkpoint: Pat
     calibration = info.json_prop("calibration")
     assert calibration["source"] == f"training split of {sign_data.resolve()}"
     assert calibration["images"] == 16
-    assert info.json_prop("quantization")["format"] == "QDQ"
+    quantization = info.json_prop("quantization")
+    assert quantization["format"] == "QDQ" and quantization["reduce_range"] is True
     graph = onnx.load(str(out)).graph
+    weights = [onnx.numpy_helper.to_array(i) for i in graph.initializer
+               if i.data_type == onnx.TensorProto.INT8]
+    assert len(weights) > 100  # 7-bit weights: no int16 saturation on AVX2 CPUs
+    assert all(w.min() >= -64 and w.max() <= 64 for w in weights)
     ops = [n.op_type for n in graph.node]
     assert ops.count("QuantizeLinear") > 50 and ops.count("DequantizeLinear") > 50
     # The sigmoid is not quantized: abnormal_prob is not stuck on a 1/255 grid.
@@ -180,6 +185,11 @@ def test_batchnorm_rewrite_keeps_the_outputs(tmp_path: Path) -> None:
             checkpoint["model"][key] = torch.randn(value.shape, generator=rng) * 0.2
         elif key.endswith(("running_var", "weight")) and value.dim() == 1:
             checkpoint["model"][key] = torch.rand(value.shape, generator=rng) + 0.5
+    for key in [k for k in checkpoint["model"] if k.endswith("running_var")]:
+        # Channels whose variance is as small as epsilon, with gamma to match: their scale is
+        # gamma / sqrt(var + eps) = 0.71 where dropping epsilon would make it 1.
+        checkpoint["model"][key][::16] = 1e-5
+        checkpoint["model"][key.replace("running_var", "weight")][::16] = 1e-5 ** 0.5
     torch.save(checkpoint, path)
     fp32 = tmp_path / "fp32.onnx"
     export_model(str(path), str(fp32), parity_batches=(1,))
@@ -292,6 +302,33 @@ def test_ensemble_averages_member_probabilities(trained_checkpoint: Path,
     with pytest.raises(EnsembleError, match="96 px"):
         export_model([str(trained_checkpoint), str(bigger)], str(tmp_path / "bad.onnx"))
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_int8_ensemble_keeps_the_mean_in_fp32(trained_checkpoint: Path,
+                                             tmp_path: Path) -> None:
+    """The members' probabilities and CAMs are stacked with a Concat; only Concats that feed
+    convolutions are quantized, so the ensemble mean is neither stepped nor clipped to the
+    calibrated range."""
+    other = write_checkpoint(tmp_path / "other.pt", image_size=SIZE, data=str(tmp_path))
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    members = [str(trained_checkpoint), str(other)]
+    export_model(members, str(fp32), cam=True, parity_batches=(1,))
+    result = export_model(members, str(int8), cam=True, precision="int8",
+                          parity_batches=(1,), calibration_images=16)
+    assert parse_metadata(props(int8)).json_prop("quantization")["batchnorms_as_convs"] == 172
+    graph = onnx.load(str(int8)).graph
+    quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    concats = [n for n in graph.node if n.op_type == "Concat"]
+    stacks = [n for n in concats if n.output[0] not in quantized]
+    assert len(concats) == 2 * 86 + 2 and len(stacks) == 2  # probabilities and CAMs
+    rng = np.random.default_rng(11)
+    pixels = np.concatenate([fresh_views(6, seed=12)[0],  # and noise, off the calibration
+                             rng.integers(0, 256, (6, 1, SIZE, SIZE), dtype=np.uint8)])
+    want = session(fp32).run([OUTPUT_PROB, OUTPUT_CAM], {INPUT_NAME: pixels})
+    got = session(int8).run([OUTPUT_PROB, OUTPUT_CAM], {INPUT_NAME: pixels})
+    assert np.abs(got[0] - want[0]).max() < 0.05
+    assert len(np.unique(got[0])) == len(pixels)
+    assert abs(result["precision_check"]["auroc_delta"]) <= AUROC_BOUND
 
 
 def test_lower_precision_without_validation_data_is_refused(tmp_path: Path) -> None:
