@@ -30,7 +30,8 @@ MIN_JUDGED_STUDIES = 200  # below this many validation studies the bound only wa
 CALIBRATION_IMAGES = 128
 CALIBRATION_BATCH = 8
 CALIBRATION_SEED = 0
-# Convolutions, the head's products, the ReLUs and the concatenations that feed
+# Convolutions, the head's products, ReLUs between quantized ops (the quantizer folds those
+# into the preceding convolution's output range) and the concatenations that feed
 # convolutions are quantized, and DenseNet's pre-activation BatchNorms become depthwise 1x1
 # convolutions first (see _batchnorms_as_convs), so that a dense block runs end to end in
 # uint8 (NHWC) with no fp32 detour between layers. The input's scaling, the sigmoid and an
@@ -270,12 +271,15 @@ def _batchnorms_as_convs(model: onnx.ModelProto) -> int:
 
 
 def _concats_kept_fp32(graph: onnx.GraphProto) -> list[str]:
-    """Names of the Concat nodes that do not only feed convolutions (naming any unnamed
-    node): an ensemble stacks its members' probabilities and CAMs with a Concat, and those
-    must not pass through uint8."""
+    """Names of the Concat nodes that do not only feed convolutions (naming unnamed Concats,
+    with names not yet in the graph): an ensemble stacks its members' probabilities and
+    CAMs with a Concat, and those must not pass through uint8."""
+    names = {node.name for node in graph.node}
     for index, node in enumerate(graph.node):
-        if not node.name:
-            node.name = f"bonexray_{node.op_type}_{index}"
+        if node.op_type == "Concat" and not node.name:
+            node.name = next(name for k in range(len(graph.node) + 1)
+                             if (name := f"bonexray_concat_{index}_{k}") not in names)
+            names.add(node.name)
     consumers: dict[str, list[str]] = {}
     for node in graph.node:
         for name in node.input:
@@ -302,10 +306,11 @@ def convert_int8(src: str | Path, dst: str | Path, *, images: np.ndarray,
     """Static QDQ quantization: int8 per-channel weights, uint8 activations whose ranges
     (MinMax) come from `images`. Dynamic quantization is 4x slower for CNNs: never used.
 
-    Weights use 7 bits (reduce_range): on x86 CPUs without VNNI (AVX2 only, as most cloud
-    vCPUs) onnxruntime's uint8 x int8 kernels add pairs of products in saturating int16,
-    and full-range weights against activations near 255 overflow it (errors of 20% of the
-    output range in tests/export/test_precision.py). The model must be right on every
+    Weights use 7 bits (reduce_range): on x86 CPUs without VNNI (AVX2 only: AMD Zen 2 and 3,
+    Intel before Cascade Lake, as this project's test machine) onnxruntime's uint8 x int8
+    kernels add pairs of products in saturating int16, and full-range weights against
+    activations near 255 overflow it (an error of 18% of the largest output in
+    tests/export/test_precision.py). The model must be right on every
     worker, not only on the machine that exported it."""
     from onnxruntime.quantization import (
         CalibrationMethod,
