@@ -244,8 +244,8 @@ def _batchnorms_as_convs(model: onnx.ModelProto) -> int:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("training_mode", 0) or ranks.get(node.input[0]) != 4 \
                 or not all(name in constants for name in node.input[1:5]):
-            log.debug("int8: BatchNorm %s left as it is (rank %s)", node.name,
-                      ranks.get(node.input[0]))
+            log.debug("int8: BatchNorm %s left as it is (input rank %s, training mode or "
+                      "non-constant parameters)", node.name, ranks.get(node.input[0]))
             continue
         gamma, beta, mean, var = (numpy_helper.to_array(constants[name]).astype(np.float64)
                                   for name in node.input[1:5])
@@ -277,9 +277,11 @@ def _concats_kept_fp32(graph: onnx.GraphProto) -> list[str]:
     names = {node.name for node in graph.node}
     for index, node in enumerate(graph.node):
         if node.op_type == "Concat" and not node.name:
-            node.name = next(name for k in range(len(graph.node) + 1)
-                             if (name := f"bonexray_concat_{index}_{k}") not in names)
-            names.add(node.name)
+            name = f"bonexray_concat_{index}"
+            while name in names:
+                name += "_"
+            node.name = name
+            names.add(name)
     consumers: dict[str, list[str]] = {}
     for node in graph.node:
         for name in node.input:
@@ -306,12 +308,12 @@ def convert_int8(src: str | Path, dst: str | Path, *, images: np.ndarray,
     """Static QDQ quantization: int8 per-channel weights, uint8 activations whose ranges
     (MinMax) come from `images`. Dynamic quantization is 4x slower for CNNs: never used.
 
-    Weights use 7 bits (reduce_range): on x86 CPUs without VNNI (AVX2 only: AMD Zen 2 and 3,
-    Intel before Cascade Lake, as this project's test machine) onnxruntime's uint8 x int8
-    kernels add pairs of products in saturating int16, and full-range weights against
-    activations near 255 overflow it (an error of 18% of the largest output in
-    tests/export/test_precision.py). The model must be right on every
-    worker, not only on the machine that exported it."""
+    Weights use 7 bits (reduce_range): on x86 CPUs without VNNI (AVX2 only: AMD Zen 2 and
+    3, Intel before Cascade Lake, like the machine of benchmarks/RESULTS.md) onnxruntime's
+    uint8 x int8 kernels add pairs of products in saturating int16, and full-range weights
+    against activations near 255 overflow it (an error of 18% of the largest output in
+    tests/export/test_precision.py). The model must be right on every worker, not only on
+    the machine that exported it."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
