@@ -234,7 +234,7 @@ def celery_runner(folder: Path, model_path: str, *, db_url: str, broker_url: str
     def run_job(studies: list[Any] | None = None) -> tuple[int, int]:
         job = prepare_job(engine=engine, root=str(folder), model=model, mode="celery",
                           studies=studies)
-        send_job(job=job, settings=settings)
+        send_job(engine=engine, job=job, settings=settings)
         while True:
             with session_scope(engine) as session:
                 progress = job_progress(session=session, job_id=job.job_id)

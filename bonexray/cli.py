@@ -372,7 +372,7 @@ def run(folder: str, model_ref: str, database_url: str | None, as_json: bool,
                       options={"chunk_size": settings.chunk_size,
                                "batch_size": settings.batch_size})
     start = time.perf_counter()
-    _with_progress(len(job.tasks), f"job {job.job_id}",
+    _with_progress(len(job.study_ids), f"job {job.job_id}",
                    lambda advance: run_embedded(engine=engine, job=job, settings=settings,
                                                 progress=advance))
     elapsed = time.perf_counter() - start
@@ -402,8 +402,9 @@ def enqueue(folder: str, model_ref: str, database_url: str | None, broker_url: s
     job = prepare_job(engine=engine, root=folder, model=model, mode="celery",
                       options={"chunk_size": settings.chunk_size, "force": force},
                       skip_done=not force)
-    sent = _with_progress(len(job.tasks), f"enqueue job {job.job_id}",
-                          lambda advance: send_job(job=job, settings=settings, progress=advance))
+    sent = _with_progress(len(job.study_ids), f"enqueue job {job.job_id}",
+                          lambda advance: send_job(engine=engine, job=job, settings=settings,
+                                                   progress=advance))
     if as_json:
         click.echo(json.dumps({"job": job.job_id, "studies": job.studies, "views": job.views,
                                "skipped": job.skipped}))
@@ -424,7 +425,9 @@ def enqueue(folder: str, model_ref: str, database_url: str | None, broker_url: s
 @user_errors
 def requeue(job: int, database_url: str | None, broker_url: str | None, as_json: bool,
             chunk_size: int | None) -> None:
-    """Send again, from SQL, every study of JOB without a result (safe to repeat)."""
+    """Send again what JOB has unfinished, unleased and not waiting (safe to repeat).
+
+    Workers' reapers do this by themselves within a lease or so; this is the manual tool."""
     from bonexray.jobs import check_broker, requeue_job
 
     _apply_overrides(database_url=database_url, broker_url=broker_url, chunk_size=chunk_size)
@@ -435,10 +438,12 @@ def requeue(job: int, database_url: str | None, broker_url: str | None, as_json:
     done = requeue_job(engine=engine, job_id=job_id, settings=settings)
     if as_json:
         click.echo(json.dumps({"job": done.job_id, "studies": done.studies,
-                               "chunks": done.chunks, "missing": done.missing}))
+                               "chunks": done.chunks, "leased": done.leased,
+                               "waiting": done.waiting}))
     else:
-        click.echo(f"job {done.job_id}: {done.studies} studies without a result sent again as "
-                   f"{done.chunks} chunks; {done.missing} whose folder is gone marked failed")
+        click.echo(f"job {done.job_id}: {done.studies} unfinished studies sent again as "
+                   f"{done.chunks} chunks; not sent: {done.leased} held by a live worker, "
+                   f"{done.waiting} still waiting in the queue")
 
 
 def _print_job_summary(job_id: int, studies: int, views: int, elapsed: float,
@@ -492,53 +497,94 @@ def worker(database_url: str | None, broker_url: str | None, concurrency: int, p
 
     check_required_gpu(settings)  # a GPU node without a working GPU takes no chunks
     open_database(settings.database_url)  # fail fast, and migrate once before forking
+    import tempfile
+
     from bonexray.worker.app import create_app
+    from bonexray.worker.tasks import MAIN_PID_ENV, SICK_FILE_ENV
 
     app = create_app(settings)
     argv = ["worker", f"--loglevel={loglevel or settings.log_level}", f"--pool={pool}",
             f"--concurrency={concurrency}", f"--queues={settings.queue}"]
     if hostname:
         argv.append(f"--hostname={hostname}")
-    app.worker_main(argv=[*argv, *celery_args])
+    # A pool process that cannot classify (model missing here, provider broken) writes why
+    # into this file and asks this process to stop: the exit status says so.
+    fd, sick_file = tempfile.mkstemp(prefix="bonexray-worker-", suffix=".sick")
+    os.close(fd)
+    os.environ[MAIN_PID_ENV] = str(os.getpid())
+    os.environ[SICK_FILE_ENV] = sick_file
+    try:
+        try:
+            app.worker_main(argv=[*argv, *celery_args])
+        except SystemExit as exc:
+            code = exc.code
+        else:
+            code = 0
+        with open(sick_file, encoding="utf-8") as fh:
+            reason = fh.read().strip()
+    finally:
+        os.unlink(sick_file)
+    if reason:
+        click.echo(f"bonexray worker stopped: it cannot classify here: {reason}", err=True)
+        sys.exit(EXIT_SICK)
+    sys.exit(code)
+
+
+# `bonexray worker`'s exit status when it stopped because it cannot classify (EX_TEMPFAIL).
+EXIT_SICK = 75
 
 
 @cli.command()
 @click.argument("job", type=int, required=False)
 @db_option
-@click.option("--wait", is_flag=True, help="Follow the job until no study is queued.")
+@click.option("--wait", is_flag=True,
+              help="Follow the job until it is finished (or stalled).")
 @click.option("--json", "as_json", is_flag=True, help="Print the progress as JSON.")
 @click.option("--interval", default=1.0, show_default=True, help="Seconds between polls.")
 @click.option("--timeout", type=float, default=None, help="Give up waiting after this long.")
+@click.option("--stall-after", type=click.IntRange(min=1), default=None,
+              help="Seconds without progress and without a live lease after which the job "
+                   "is stalled (default BONEXRAY_STALL_SECONDS, 300).")
 @user_errors
 def status(job: int | None, database_url: str | None, wait: bool, as_json: bool,
-           interval: float, timeout: float | None) -> None:
+           interval: float, timeout: float | None, stall_after: int | None) -> None:
     """Progress of a job (the latest when JOB is omitted).
 
     Exit status: 0 finished (or running, without --wait) with no failed study; 1 finished
     with failed studies; 2 a user error (no such job, database unreachable); 3 --wait gave
-    up after --timeout."""
-    from bonexray.db.query import job_progress
+    up after --timeout; 4 stalled: studies unfinished, no worker holds any, and nothing
+    happened for --stall-after seconds."""
+    from bonexray.db.query import STALLED, job_progress
     from bonexray.db.session import session_scope
 
-    _apply_overrides(database_url=database_url)
+    _apply_overrides(database_url=database_url, stall_seconds=stall_after)
+    settings = get_settings()
     engine = _engine()
     job_id = _job_id(engine, job)
 
     def read() -> dict[str, Any]:
         with session_scope(engine) as session:
-            return job_progress(session=session, job_id=job_id)
+            return job_progress(session=session, job_id=job_id,
+                                lease_seconds=settings.lease_seconds,
+                                stall_seconds=settings.stall_seconds)
 
     p = read()
-    if wait and not p["finished"]:
+    if wait and p["state"] == "running":
         p = _follow(read, p, interval, timeout)
     if as_json:
         click.echo(json.dumps(p, default=str))
     else:
         rate = f"{p['images_per_s']:.1f} images/s" if p["images_per_s"] else "-"
-        click.echo(f"job {job_id}: {'finished' if p['finished'] else 'running'}; "
-                   f"{p['done']} done, {p['failed']} failed, {p['empty']} empty, {p['queued']} "
-                   f"queued of {p['studies']} studies; views {p['views_scored']} scored, "
+        partial = f" ({p['partial']} partial)" if p["partial"] else ""
+        click.echo(f"job {job_id}: {p['state']}; {p['done']} done{partial}, {p['failed']} "
+                   f"failed, {p['empty']} empty, {p['queued']} queued ({p['in_flight']} in "
+                   f"flight) of {p['studies']} studies; views {p['views_scored']} scored, "
                    f"{p['views_failed']} failed; {rate}")
+    if p["state"] == STALLED:
+        click.echo(f"job {job_id} is stalled: {p['queued']} studies unfinished, no worker "
+                   f"holds any, no progress since {p['last_progress']} (are workers running "
+                   "on this database and queue? see their logs)", err=True)
+        sys.exit(4)
     if wait and not p["finished"]:
         click.echo(f"job {job_id} still has {p['queued']} queued studies after {timeout} s",
                    err=True)
@@ -559,7 +605,8 @@ def _follow(read: Callable[[], dict[str, Any]], p: dict[str, Any], interval: flo
         while True:
             progress.update(task, completed=p["studies"] - p["queued"],
                             info=progress_line(p))
-            if p["finished"] or (deadline is not None and time.monotonic() > deadline):
+            if p["state"] != "running" or (deadline is not None
+                                           and time.monotonic() > deadline):
                 return p
             time.sleep(interval)
             p = read()
@@ -577,8 +624,8 @@ def progress_line(p: dict[str, Any]) -> str:
     else:
         eta = "-:--:--"
     speed = f"{rate:.1f} img/s" if rate else "- img/s"
-    return (f"done {p['done']} · failed {p['failed']} · queued {p['queued']} · {speed} · "
-            f"ETA {eta}")
+    return (f"done {p['done']} · failed {p['failed']} · queued {p['queued']} "
+            f"({p['in_flight']} in flight) · {speed} · ETA {eta}")
 
 
 def _job_id(engine: Any, job: int | None) -> int:
@@ -639,12 +686,12 @@ def results(job: int | None, database_url: str | None, fmt: str, body_part: str 
     elif fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["study", "body_part", "label", "score", "prediction", "status",
-                         "views", "views_failed", "error"])
+                         "partial", "views", "views_failed", "error"])
         for r in rows:
             writer.writerow([r["study"], r["body_part"] or "", _blank(r["label"]),
                              _blank(r["score"]), r["prediction"] or "", r["status"],
-                             len(r["views"]), sum(v["error"] is not None for v in r["views"]),
-                             r["error"] or ""])
+                             int(r["partial"]), len(r["views"]),
+                             sum(v["error"] is not None for v in r["views"]), r["error"] or ""])
     else:
         with session_scope(engine) as session:
             job_row = get_job(session=session, job_id=job_id)
@@ -666,9 +713,10 @@ def _print_table(job_id: int, root: str, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         failed = sum(v["error"] is not None for v in r["views"])
         views = f"{len(r['views'])}" + (f" ({failed} failed)" if failed else "")
+        status = f"{r['status']} (partial)" if r["partial"] else r["status"]
         table.add_row(os.path.relpath(r["study"], root), r["body_part"] or "", _text(r["label"]),
                       "" if r["score"] is None else f"{r['score']:.3f}",
-                      r["prediction"] or "", r["status"], views, r["error"] or "")
+                      r["prediction"] or "", status, views, r["error"] or "")
     Console().print(table)
 
 
@@ -750,9 +798,12 @@ def _duration(seconds: float | None) -> str:
 @click.option("--seed", default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None,
               help="Decision threshold (default: the model's).")
+@click.option("--exclude-partial", is_flag=True,
+              help="Leave out studies scored from only some of their views.")
 @user_errors
 def evaluate(job: int | None, database_url: str | None, fmt: str, plots_dir: str | None,
-             resamples: int, seed: int, threshold: float | None) -> None:
+             resamples: int, seed: int, threshold: float | None,
+             exclude_partial: bool) -> None:
     """Compare a job's predictions with the labels of its studies (latest job by default):
     accuracy, F1, kappa, AUROC, sensitivity, specificity with bootstrap 95% intervals,
     overall and per body part; stored in the evaluations table."""
@@ -764,7 +815,7 @@ def evaluate(job: int | None, database_url: str | None, fmt: str, plots_dir: str
     job_id = _job_id(engine, job)
     with session_scope(engine) as session:
         result = evaluate_job(session=session, job_id=job_id, resamples=resamples, seed=seed,
-                              threshold=threshold)
+                              threshold=threshold, exclude_partial=exclude_partial)
     if plots_dir is not None:
         from bonexray.plots import write_evaluation_plots
 
@@ -785,9 +836,12 @@ def _print_evaluation(job_id: int, run: int | None, figures: dict[str, Any]) -> 
     from rich.table import Table
 
     overall = figures["overall"]
+    partial = overall.get("partial", 0)
+    verb = "left out" if overall.get("partial_excluded") else "included"
+    partial_note = f"; {partial} partial studies {verb}" if partial else ""
     table = Table(title=f"job {job_id}, evaluation {run}: threshold {overall['threshold']:g}; "
                         f"{overall['unscored']} labelled studies unscored, "
-                        f"{overall['unlabelled']} unlabelled skipped",
+                        f"{overall['unlabelled']} unlabelled skipped{partial_note}",
                   caption="value (95% bootstrap interval)")
     for name in ("group", "n", "pos", "unscored", *_EVAL_COLUMNS):
         table.add_column(_SHORT.get(name, name), no_wrap=True,

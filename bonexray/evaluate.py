@@ -100,9 +100,12 @@ def job_threshold(*, session: Session, job_id: int) -> float:
 
 def evaluate_job(*, session: Session, job_id: int, resamples: int = DEFAULT_RESAMPLES,
                  seed: int = 0, threshold: float | None = None,
-                 save: bool = True) -> JobEvaluation:
+                 save: bool = True, exclude_partial: bool = False) -> JobEvaluation:
     """Compare a job's study scores with the labels its folders or MURA CSVs carry, at
     the model's threshold (or `threshold`), and store the figures as a new evaluation run.
+
+    Partial studies (scored from some of their views) are counted in the overall figures'
+    `partial`; with `exclude_partial` they are left out of the figures altogether.
     """
     model_threshold = job_threshold(session=session, job_id=job_id)
     threshold = model_threshold if threshold is None else float(threshold)
@@ -119,8 +122,13 @@ def evaluate_job(*, session: Session, job_id: int, resamples: int = DEFAULT_RESA
     if queued:
         log.warning("job %d is not finished: %d labelled studies still queued count as "
                     "unscored", job_id, queued)
+    n_partial = sum(1 for o in outcomes if o["label"] is not None and o.get("partial"))
+    if exclude_partial:
+        outcomes = [o for o in outcomes if not o.get("partial")]
     figures = summarize_outcomes(outcomes, threshold=threshold, resamples=resamples,
                                  seed=seed)
+    figures["overall"]["partial"] = n_partial
+    figures["overall"]["partial_excluded"] = bool(exclude_partial)
     run = None
     if save:
         groups: dict[str | None, dict[str, Any]] = {None: figures["overall"]}

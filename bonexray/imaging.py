@@ -21,6 +21,13 @@ DEFAULT_RESIZE = "letterbox"
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 DEFAULT_MAX_PIXELS = 89_478_485
+# Memory one decode may use, bytes (BONEXRAY_DECODE_BUDGET_BYTES).
+DEFAULT_DECODE_BUDGET = 1 << 30
+
+# Bytes per pixel of Pillow's modes as decoded; anything else counts as 4.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2,
+               "I;16N": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "CMYK": 4,
+               "I": 4, "F": 4}
 
 
 class ImageError(ValueError):
@@ -39,13 +46,7 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit and float images: Pillow's convert('L') clips at 255, so scale through numpy
         # from the image's own range (archives store 10-, 12- and 16-bit data alike).
-        arr = np.asarray(img).astype(np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        if not np.isfinite(lo) or not np.isfinite(hi):
-            raise ImageError(f"image of mode {mode} holds non-finite values")
-        if hi <= lo:
-            return np.zeros(arr.shape, dtype=np.uint8)
-        return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+        return _scale_to_uint8(np.asarray(img), mode)
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         # Transparent pixels become black (the usual radiograph background), not whatever
         # colour happens to sit under the alpha channel.
@@ -55,8 +56,50 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
+def _scale_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Scale an integer or float image from its own range to uint8 without a float64 copy:
+    integer data through a lookup table (one uint8 output beside the input), float data
+    in float32 slices."""
+    if arr.size == 0:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    lo, hi = arr.min(), arr.max()
+    if arr.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ImageError(f"image of mode {mode} holds non-finite values")
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    if arr.dtype.kind in "ui" and int(hi) - int(lo) < (1 << 20):
+        span = int(hi) - int(lo)
+        table = np.round(np.arange(span + 1, dtype=np.float64) * (255.0 / span))
+        lut = table.astype(np.uint8)
+        if int(lo) >= 0 and int(hi) <= 0xFFFF:  # indexed by the raw value: no copy
+            full = np.zeros(int(hi) + 1, dtype=np.uint8)
+            full[int(lo) :] = lut
+            return full[arr]
+        return lut[(arr.astype(np.int64, copy=False) - int(lo))]
+    out = np.empty(arr.shape, dtype=np.uint8)
+    scale = np.float32(255.0 / (float(hi) - float(lo)))
+    flat_in, flat_out = arr.reshape(-1), out.reshape(-1)
+    step = 1 << 22
+    for start in range(0, flat_in.size, step):
+        part = flat_in[start : start + step].astype(np.float32)
+        part -= np.float32(lo)
+        part *= scale
+        np.rint(part, out=part)
+        flat_out[start : start + step] = part
+    return out
+
+
+def decode_bytes_needed(width: int, height: int, mode: str) -> int:
+    """Peak memory of decoding an image of this size and mode to uint8 (an estimate: the
+    decoded image, one working copy of the same size, the uint8 result)."""
+    pixels = width * height
+    per_pixel = _MODE_BYTES.get(mode, 4)
+    return pixels * (2 * per_pixel + 1)
+
+
 def decode_gray(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                draft_size: int | None = None) -> np.ndarray:
+                draft_size: int | None = None,
+                budget_bytes: int = DEFAULT_DECODE_BUDGET) -> np.ndarray:
     """Decode a view file to a uint8 [H, W] array, EXIF orientation applied.
 
     Raises ImageError with a one-line reason for anything that is not a whole, decodable
@@ -73,6 +116,13 @@ def decode_gray(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                 )
             if width < 1 or height < 1:
                 raise ImageError(f"image has no pixels: {width}x{height}")
+            needed = decode_bytes_needed(width, height, img.mode)
+            if budget_bytes and needed > budget_bytes:
+                raise ImageError(
+                    f"image too large to decode: {width}x{height} {img.mode} needs about "
+                    f"{needed >> 20} MiB > budget {budget_bytes >> 20} MiB "
+                    "(BONEXRAY_DECODE_BUDGET_BYTES)"
+                )
             if draft_size and img.format == "JPEG" and img.mode in ("L", "RGB"):
                 img.draft("L", (draft_size, draft_size))
             img.load()
@@ -142,7 +192,9 @@ def resize_gray(pixels: np.ndarray, size: int, rule: str = DEFAULT_RESIZE) -> np
 
 
 def load_view(path: str | Path, size: int, rule: str = DEFAULT_RESIZE, *,
-              max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+              max_pixels: int = DEFAULT_MAX_PIXELS,
+              budget_bytes: int = DEFAULT_DECODE_BUDGET) -> np.ndarray:
     """Decode and resize one view: uint8 [size, size]. Raises ImageError."""
-    pixels = decode_gray(path, max_pixels=max_pixels, draft_size=size)
+    pixels = decode_gray(path, max_pixels=max_pixels, draft_size=size,
+                         budget_bytes=budget_bytes)
     return resize_gray(pixels, size, rule)

@@ -16,10 +16,10 @@ from bonexray.db import query, store
 from bonexray.db.models import Job, Model
 from bonexray.db.models import Study as StudyRow
 from bonexray.db.session import session_scope
-from bonexray.results import DONE, StudyTask
+from bonexray.results import DONE
 from bonexray.security import check_folder
 from bonexray.settings import Settings
-from bonexray.studies import Study, StudyError, find_studies
+from bonexray.studies import Study, find_studies
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ class PreparedJob:
     model_id: int
     studies: int
     views: int
-    empty: int
-    tasks: tuple[StudyTask, ...]  # the studies to classify (empty ones are already final)
+    empty: int  # studies final at registration: no views, or names that cannot be stored
+    study_ids: tuple[int, ...]  # the studies to classify
     skipped: int = 0  # studies left out: already scored with this model by an earlier job
 
 
@@ -133,53 +133,68 @@ def prepare_job(*, engine: Engine, root: str, model: Model, mode: str,
                                    paths=[s.path for s in found])
         skipped = len(done)
         found = [s for s in found if s.path not in done]
-    by_path = {s.path: s for s in found}
     with session_scope(engine) as session:
         job = store.create_job(session=session, root=root_abs, model_id=model.id,
                                studies=found, mode=mode,
-                               options={**(options or {}), "skipped": skipped})
+                               options={**(options or {}), "skipped": skipped},
+                               sent=mode == "celery")
         session.flush()
         job_id = job.id
-        queued = store.queued_studies(session=session, job_id=job_id)
+        queued = [sid for sid, _ in store.queued_studies(session=session, job_id=job_id)]
         if not queued:
             store.finish_job_if_done(session=session, job_id=job_id)
-    tasks = tuple(StudyTask(id=sid, path=path, views=by_path[path].views)
-                  for sid, path in queued)
     n_views = sum(len(s.views) for s in found)
     # Folder names can identify patients: INFO logs carry ids and counts, the root only at DEBUG.
-    log.info("job %d: %d studies (%d views, %d empty, %d skipped as already done)", job_id,
-             len(found), n_views, len(found) - len(tasks), skipped)
+    log.info("job %d: %d studies (%d views, %d final at registration, %d skipped as already "
+             "done)", job_id, len(found), n_views, len(found) - len(queued), skipped)
     log.debug("job %d: root %s", job_id, root_abs)
     return PreparedJob(job_id=job_id, model_id=model.id, studies=len(found), views=n_views,
-                       empty=len(found) - len(tasks), tasks=tasks, skipped=skipped)
+                       empty=len(found) - len(queued), study_ids=tuple(queued),
+                       skipped=skipped)
 
 
-def chunked(tasks: Sequence[StudyTask], size: int) -> Iterator[list[StudyTask]]:
+def chunked(ids: Sequence[int], size: int) -> Iterator[list[int]]:
     size = max(1, size)
-    for start in range(0, len(tasks), size):
-        yield list(tasks[start : start + size])
+    for start in range(0, len(ids), size):
+        yield list(ids[start : start + size])
 
 
-def chunk_message(job: PreparedJob, chunk: Sequence[StudyTask]) -> dict[str, Any]:
-    """The task message: JSON only, ids and paths, never results."""
-    return {"job": job.job_id, "model": job.model_id, "studies": [t.to_json() for t in chunk]}
+def chunk_message(*, job_id: int, database: str, study_ids: Sequence[int]) -> dict[str, Any]:
+    """The task message: JSON, ids only (job, studies) and the identity of the database
+    they belong to. Workers read everything else from SQL."""
+    return {"job": job_id, "db": database, "studies": [int(i) for i in study_ids]}
 
 
-def chunk_summary(job_id: int, chunk: Sequence[StudyTask]) -> str:
-    """What monitoring shows of a chunk: ids and counts, no paths."""
-    ids = [t.id for t in chunk]
-    return (f"(job={job_id}, studies={len(ids)} [{min(ids)}..{max(ids)}], "
-            f"views={sum(len(t.views) for t in chunk)})")
+@dataclass(frozen=True)
+class ChunkMessage:
+    job: int
+    database: str
+    studies: tuple[int, ...]
+
+    @classmethod
+    def from_json(cls, payload: Any) -> ChunkMessage:
+        """Parse a message, refusing (ValueError) anything but the shape chunk_message makes."""
+        if not isinstance(payload, dict) or set(payload) != {"job", "db", "studies"}:
+            keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+            raise ValueError(f"not a chunk message (keys {keys}; expected db, job, studies)")
+        job, database, studies = payload["job"], payload["db"], payload["studies"]
+        if not (isinstance(job, int) and isinstance(database, str) and isinstance(studies, list)
+                and studies and all(isinstance(i, int) for i in studies)):
+            raise ValueError("chunk message fields have the wrong types")
+        return cls(job=job, database=database, studies=tuple(studies))
 
 
 def run_embedded(*, engine: Engine, job: PreparedJob, settings: Settings,
                  progress: Progress | None = None) -> None:
-    """Classify the job in this process, chunk by chunk, with the worker's own code path."""
-    from bonexray.worker.process import process_chunk
+    """Classify the job in this process, chunk by chunk, with the worker's own code path
+    (leases, careful decoding, riding out database errors)."""
+    from bonexray.worker.process import run_chunk, worker_name
 
-    for chunk in chunked(job.tasks, settings.chunk_size):
-        process_chunk(engine=engine, job_id=job.job_id, model_id=job.model_id, tasks=chunk,
-                      settings=settings)
+    url = engine.url.render_as_string(hide_password=False)
+    worker = worker_name()
+    for n, chunk in enumerate(chunked(job.study_ids, settings.chunk_size)):
+        run_chunk(database_url=url, job_id=job.job_id, study_ids=chunk, settings=settings,
+                  worker=worker, chunk=f"embedded-{job.job_id}-{n}")
         if progress:
             progress(len(chunk))
     with session_scope(engine) as session:
@@ -214,66 +229,66 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def send_job(*, job: PreparedJob, settings: Settings, progress: Progress | None = None) -> int:
-    """Send the job's chunks to the broker; returns the number of messages sent."""
-    from bonexray.worker.app import TASK_CLASSIFY, create_app
+def send_chunks(*, app: Any, settings: Settings, database: str,
+                chunks: Sequence[tuple[int, Sequence[int]]],
+                progress: Progress | None = None) -> int:
+    """Publish (job id, study ids) chunks; returns the number of messages sent."""
+    from bonexray.worker.app import TASK_CLASSIFY
 
-    app = create_app(settings)
     sent = 0
     with app.producer_or_acquire() as producer:
-        for chunk in chunked(job.tasks, settings.chunk_size):
-            # Monitors (Flower, events) show argsrepr, not the paths: patient folder names
-            # stay in the message the task needs and out of dashboards.
-            app.send_task(TASK_CLASSIFY, args=[chunk_message(job, chunk)],
+        for job_id, ids in chunks:
+            app.send_task(TASK_CLASSIFY,
+                          args=[chunk_message(job_id=job_id, database=database, study_ids=ids)],
                           queue=settings.queue, producer=producer,
-                          argsrepr=chunk_summary(job.job_id, chunk), kwargsrepr="{}")
+                          argsrepr=f"(job={job_id}, studies={len(ids)} [{min(ids)}..{max(ids)}])",
+                          kwargsrepr="{}")
             sent += 1
             if progress:
-                progress(len(chunk))
+                progress(len(ids))
     return sent
+
+
+def send_job(*, engine: Engine, job: PreparedJob, settings: Settings,
+             progress: Progress | None = None) -> int:
+    """Send the job's chunks to the broker; returns the number of messages sent. A chunk
+    whose publishing fails is sent again by a worker's reaper."""
+    from bonexray.db.ledger import database_id
+    from bonexray.worker.app import create_app
+
+    chunks = [(job.job_id, ids) for ids in chunked(job.study_ids, settings.chunk_size)]
+    return send_chunks(app=create_app(settings), settings=settings,
+                       database=database_id(engine), chunks=chunks, progress=progress)
 
 
 @dataclass(frozen=True)
 class Requeued:
     job_id: int
-    studies: int  # studies sent again
+    studies: int  # sent again
     chunks: int
-    missing: int  # study folders gone since enqueue: failed with the reason, not sent
+    leased: int  # unfinished, held by a live worker: not sent
+    waiting: int  # unfinished, their message still waits in the queue: not sent
 
 
-def requeue_job(*, engine: Engine, job_id: int, settings: Settings,
-                progress: Progress | None = None) -> Requeued:
-    """Send again, from SQL, every study of the job that has no result yet.
+def requeue_job(*, engine: Engine, job_id: int, settings: Settings) -> Requeued:
+    """Send again, from SQL, every unfinished study of the job that no live worker holds
+    and whose message is not waiting in the queue. Safe to repeat, and while the job runs."""
+    from bonexray.db.ledger import count_leased
+    from bonexray.worker.app import create_app
+    from bonexray.worker.reaper import resend_unfinished
 
-    Views are not stored before their results arrive, so the job's root is searched again
-    with the same discovery as enqueue (MURA CSVs included) and each queued study is sent
-    with the views its folder holds now. Safe to repeat: results are upserts, and a study
-    already finished is not sent.
-    """
     with session_scope(engine) as session:
         job = query.get_job(session=session, job_id=job_id)
         if job is None:
             raise JobNotFoundError(f"no job {job_id} in the database")
-        root, model_id = job.root, job.model_id
-        queued = store.queued_studies(session=session, job_id=job_id)
-    if not queued:
-        return Requeued(job_id=job_id, studies=0, chunks=0, missing=0)
-    check_folder(root)
-    try:
-        found = {s.path: s for s in find_studies(root)}
-    except StudyError:
-        found = {}  # the whole root is gone: every queued study fails as missing below
-    tasks = tuple(StudyTask(id=sid, path=path, views=found[path].views)
-                  for sid, path in queued if path in found)
-    missing = [sid for sid, path in queued if path not in found]
-    if missing:
-        with session_scope(engine) as session:
-            store.mark_failed(session=session, study_ids=missing, worker="requeue",
-                              error="study folder not found when the job was requeued")
-            store.finish_job_if_done(session=session, job_id=job_id)
-    job_view = PreparedJob(job_id=job_id, model_id=model_id, studies=len(tasks),
-                           views=sum(len(t.views) for t in tasks), empty=0, tasks=tasks)
-    chunks = send_job(job=job_view, settings=settings, progress=progress) if tasks else 0
-    log.info("job %d: requeued %d studies in %d chunks (%d missing folders failed)", job_id,
-             len(tasks), chunks, len(missing))
-    return Requeued(job_id=job_id, studies=len(tasks), chunks=chunks, missing=len(missing))
+        if job.mode != "celery":
+            raise ValueError(f"job {job_id} ran embedded (`bonexray run`): nothing to requeue "
+                             "on the broker; run the folder again")
+        leased = count_leased(session=session, job_id=job_id,
+                              lease_seconds=settings.lease_seconds)
+    done = resend_unfinished(engine=engine, app=create_app(settings), settings=settings,
+                             job_id=job_id, grace_seconds=0)
+    log.info("job %d: requeued %d studies in %d chunks (%d leased, %d waiting)", job_id,
+             done.studies, done.chunks, leased, done.waiting)
+    return Requeued(job_id=job_id, studies=done.studies, chunks=done.chunks, leased=leased,
+                    waiting=done.waiting)

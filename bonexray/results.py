@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 # Study status values, as stored in SQL.
 QUEUED = "queued"
 DONE = "done"  # scored: at least one view decoded and classified
-FAILED = "failed"  # no view could be scored, or the chunk failed every retry
+FAILED = "failed"  # no view could be scored, or the study could not be processed
 EMPTY = "empty"  # the study folder holds no views
 STATUSES = (QUEUED, DONE, FAILED, EMPTY)
 FINISHED = (DONE, FAILED, EMPTY)
@@ -16,19 +15,14 @@ FINISHED = (DONE, FAILED, EMPTY)
 
 @dataclass(frozen=True)
 class StudyTask:
-    """A study to classify, as carried in a task message (JSON: id, path, views)."""
+    """A study to classify, as read from SQL: the views to decode, and the views that
+    already failed (a file name that is not UTF-8, a view that crashed its worker) with
+    their reasons, which count towards the study's result without being read again."""
 
     id: int
     path: str
     views: tuple[str, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "path": self.path, "views": list(self.views)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> StudyTask:
-        return cls(id=int(data["id"]), path=str(data["path"]),
-                   views=tuple(str(v) for v in data["views"]))
+    failed: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,6 +41,7 @@ class StudyResult:
     prediction: str | None  # "normal" / "abnormal" / None
     views: tuple[ViewResult, ...] = field(default_factory=tuple)
     error: str | None = None
+    partial: bool = False  # scored, but some of its views failed
 
 
 @dataclass(frozen=True)

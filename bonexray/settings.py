@@ -63,10 +63,30 @@ class Settings:
     # Where registered model files are kept by sha256 (shared storage, same on every node);
     # "" keeps the path the model was registered from.
     model_store: str = ""
-    # Seconds before Redis hands an unacknowledged task to another worker. Must exceed the
-    # worst chunk time, and every retry countdown stays below it.
-    visibility_timeout: int = 3600
-    max_retries: int = 5
+    # Seconds before Redis hands an unacknowledged task to another worker. The SQL lease,
+    # not this, decides who works on a study: a second delivery of a leased or finished
+    # study changes nothing, and the reaper brings back a dead worker's studies sooner.
+    visibility_timeout: int = 300
+    # A worker's claim on a study lasts this long without a heartbeat (heartbeats every
+    # third of it); then the reaper sends the study again.
+    lease_seconds: int = 30
+    # Seconds between two reaper passes of each worker (jittered).
+    reaper_interval: int = 10
+    # A view during whose decoding the worker process died this many times fails with that
+    # reason; the rest of its study and its chunk-mates are scored.
+    max_crashes: int = 3
+    # A study claimed this many times without finishing fails (a last resort against loops).
+    max_attempts: int = 8
+    # `status` calls a job stalled when it has unfinished studies, no live lease and no
+    # progress for this many seconds.
+    stall_seconds: int = 300
+    # Memory one decode may use, in bytes (estimated from the header before decoding); a
+    # view that would need more fails with that reason instead of killing its process.
+    decode_budget_bytes: int = 1 << 30
+    # PostgreSQL: a statement waits at most this long for a lock, and runs at most this
+    # long, in milliseconds (0: no limit). Both count as transient: the chunk is retried.
+    db_lock_timeout_ms: int = 10_000
+    db_statement_timeout_ms: int = 120_000
     # Largest image accepted, in pixels (a decompression bomb fails its view).
     max_image_pixels: int = 89_478_485
     # Folders (separated by ":") that jobs may read; empty = no confinement. Paths outside

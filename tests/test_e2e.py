@@ -73,7 +73,7 @@ def test_embedded_run_on_sqlite(data: Path, model: Path, tmp_path: Path):
                                  "json").stdout)
     assert len(listed) == summary["studies"]
     assert set(listed[0]) == {"study", "body_part", "label", "score", "prediction", "status",
-                              "error", "views"}
+                              "partial", "error", "views"}
     csv_out = bonexray("results", "--db", url, "--format", "csv").stdout.splitlines()
     assert len(csv_out) == summary["studies"] + 1
     # The model is registered on first use; a second run can name it instead of the path.

@@ -289,9 +289,10 @@ def test_status_wait_follows_then_exits_1_on_failures(db_url: str) -> None:
 
 
 def test_progress_line() -> None:
-    p = {"done": 30, "failed": 2, "queued": 68, "views": 250, "views_scored": 75,
-         "views_failed": 5, "images_per_s": 10.0, "finished": False}
-    assert progress_line(p) == "done 30 · failed 2 · queued 68 · 10.0 img/s · ETA 0:00:17"
+    p = {"done": 30, "failed": 2, "queued": 68, "in_flight": 16, "views": 250,
+         "views_scored": 75, "views_failed": 5, "images_per_s": 10.0, "finished": False}
+    assert progress_line(p) == ("done 30 · failed 2 · queued 68 (16 in flight) · 10.0 img/s "
+                                "· ETA 0:00:17")
     assert progress_line({**p, "images_per_s": None}).endswith("- img/s · ETA -:--:--")
     slow = progress_line({**p, "images_per_s": 0.01})
     assert slow.endswith("ETA 4:43:20")

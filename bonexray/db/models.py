@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Dialect,
     Float,
@@ -21,6 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false
 
 # Named constraints and indexes: Alembic's batch mode (SQLite) can only alter what it can name.
 NAMING_CONVENTION = {
@@ -65,6 +67,16 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class DatabaseIdentity(Base):
+    """One row, made with the schema: the id task messages carry, so that a worker never
+    scores a message written for another database into its own."""
+
+    __tablename__ = "database_identity"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Model(Base):
     """A registered ONNX model file, known by its sha256."""
 
@@ -96,13 +108,16 @@ class Job(Base):
 
 
 class Study(Base):
-    """A study of a job: its folder, what is known about it, and its result once scored."""
+    """A study of a job: its folder, what is known about it, its lease while a worker holds
+    it, and its result once scored."""
 
     __tablename__ = "studies"
     __table_args__ = (
         UniqueConstraint("job_id", "path"),
         # Progress counts and the queued-studies scan go by (job, status).
         Index(None, "job_id", "status"),
+        # The reaper's scan: unfinished studies of every job.
+        Index(None, "status", "heartbeat_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -117,8 +132,21 @@ class Study(Base):
     prediction: Mapped[str | None] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(255))
+    # Times a worker claimed the study (a process retrying after a database error keeps
+    # its claim and does not count again).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Scored from some of its views only (the others failed).
+    partial: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The lease: who holds the study ("host:pid") and when it last said it is alive.
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # When a message for it was last published (enqueue, reaper, requeue).
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # A study claimed again after a lost worker is decoded one view at a time, each view
+    # recorded here first: a process that dies leaves the view that killed it behind.
+    decoding: Mapped[str | None] = mapped_column(Text)
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class View(Base):
@@ -136,9 +164,11 @@ class View(Base):
 
 
 class BatchStat(Base):
-    """Timing of one inference batch on one worker."""
+    """Timing of one inference batch on one worker; keyed by (job, chunk delivery, batch
+    number) so that a redelivered chunk rewrites its rows instead of adding more."""
 
     __tablename__ = "batch_stats"
+    __table_args__ = (UniqueConstraint("job_id", "chunk", "seq"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -149,6 +179,8 @@ class BatchStat(Base):
     infer_ms: Mapped[float] = mapped_column(Float)
     write_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    chunk: Mapped[str | None] = mapped_column(String(64))
+    seq: Mapped[int | None] = mapped_column(Integer)
 
 
 class Evaluation(Base):

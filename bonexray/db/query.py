@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import string
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
-from bonexray.db.models import Evaluation, Job, Model, Study, View
+from bonexray.db.models import Evaluation, Job, Model, Study, View, utcnow
 from bonexray.results import DONE, EMPTY, FAILED, QUEUED, STATUSES
 
 PREDICTIONS = ("normal", "abnormal")
@@ -108,15 +108,24 @@ def list_jobs(*, session: Session, limit: int = 50) -> list[dict[str, Any]]:
     return jobs
 
 
-def job_progress(*, session: Session, job_id: int) -> dict[str, Any]:
-    """Where a job stands: studies by status, views scored and failed, throughput.
+RUNNING, FINISHED_STATE, STALLED = "running", "finished", "stalled"
 
-    images_per_s counts scored and failed views over the time from the job's creation to
-    its last scored or failed study; None before any.
+
+def job_progress(*, session: Session, job_id: int, lease_seconds: int = 30,
+                 stall_seconds: int = 300, now: datetime | None = None) -> dict[str, Any]:
+    """Where a job stands: studies by status (`queued` counts every unfinished study,
+    `in_flight` those of them a live lease holds, `partial` the done ones scored from some
+    of their views), views scored and failed, throughput, and its state.
+
+    state: finished (no study queued); stalled (studies queued, none leased, and no study
+    finished nor heartbeat seen for `stall_seconds`: no worker is getting anywhere with
+    it); else running. images_per_s counts scored and failed views over the time from the
+    job's creation to its last scored or failed study; None before any.
     """
     job = session.get(Job, job_id)
     if job is None:
         raise JobNotFoundError(f"no job with id {job_id}")
+    now = now or utcnow()
     counts = dict.fromkeys(STATUSES, 0)
     last_by_status: dict[str, datetime | None] = {}
     for status, n, last in session.execute(
@@ -126,12 +135,23 @@ def job_progress(*, session: Session, job_id: int) -> dict[str, Any]:
     ):
         counts[status] = n
         last_by_status[status] = last
-    n_views, n_scored = session.execute(
-        select(func.count(View.id), func.count(View.prob))
+    n_views, n_scored, n_failed = session.execute(
+        select(func.count(View.id), func.count(View.prob), func.count(View.error))
         .join(Study, Study.id == View.study_id)
         .where(Study.job_id == job_id)
     ).one()
-    n_failed = n_views - n_scored
+    partial = in_flight = 0
+    last_heartbeat = None
+    if counts[DONE]:
+        partial = int(session.scalar(select(func.count()).select_from(Study).where(
+            Study.job_id == job_id, Study.status == DONE, Study.partial.is_(True))) or 0)
+    if counts[QUEUED]:
+        expired = now - timedelta(seconds=lease_seconds)
+        in_flight, last_heartbeat = session.execute(
+            select(func.count(Study.heartbeat_at).filter(Study.heartbeat_at >= expired),
+                   func.max(Study.heartbeat_at))
+            .where(Study.job_id == job_id, Study.status == QUEUED)
+        ).one()
 
     worked = [t for s in (DONE, FAILED) if (t := last_by_status.get(s)) is not None]
     last_worked = max(worked) if worked else None
@@ -139,7 +159,7 @@ def job_progress(*, session: Session, job_id: int) -> dict[str, Any]:
     if last_worked is not None and n_views:
         elapsed = (last_worked - job.created_at).total_seconds()
         if elapsed > 0:
-            images_per_s = n_views / elapsed
+            images_per_s = (n_scored + n_failed) / elapsed
 
     finished = counts[QUEUED] == 0
     finished_at = job.finished_at
@@ -147,11 +167,23 @@ def job_progress(*, session: Session, job_id: int) -> dict[str, Any]:
         # Not yet stamped by finish_job_if_done: the last study's time, else creation.
         ends = [t for t in last_by_status.values() if t is not None]
         finished_at = max(ends) if ends else job.created_at
+    moments = [t for t in (job.created_at, last_worked, last_heartbeat) if t is not None]
+    last_progress = max(moments)
+    idle = (now - last_progress).total_seconds()
+    if finished:
+        state = FINISHED_STATE
+    elif not in_flight and idle > stall_seconds:
+        state = STALLED
+    else:
+        state = RUNNING
     return {
         "job": job.id,
+        "state": state,
         "studies": sum(counts.values()),
         QUEUED: counts[QUEUED],
+        "in_flight": int(in_flight or 0),
         DONE: counts[DONE],
+        "partial": partial,
         FAILED: counts[FAILED],
         EMPTY: counts[EMPTY],
         "views": job.n_views,
@@ -160,6 +192,7 @@ def job_progress(*, session: Session, job_id: int) -> dict[str, Any]:
         "finished": finished,
         "started": _iso(job.created_at),
         "finished_at": _iso(finished_at),
+        "last_progress": _iso(last_progress),
         "images_per_s": images_per_s,
     }
 
@@ -209,7 +242,7 @@ def job_results(*, session: Session, job_id: int, body_part: str | None = None,
 
     studies = session.execute(
         select(Study.id, Study.path, Study.body_part, Study.label, Study.score,
-               Study.prediction, Study.status, Study.error)
+               Study.prediction, Study.status, Study.partial, Study.error)
         .where(*conditions)
         .order_by(*ordering)
         .limit(limit)
@@ -237,6 +270,7 @@ def job_results(*, session: Session, job_id: int, body_part: str | None = None,
             "score": s.score,
             "prediction": s.prediction,
             "status": s.status,
+            "partial": bool(s.partial),
             "error": s.error,
             "views": views.get(s.id, []),
         }
@@ -271,10 +305,11 @@ def job_timings(*, session: Session, job_ids: list[int]) -> dict[int, dict[str, 
 
 
 def study_outcomes(*, session: Session, job_id: int) -> list[dict[str, Any]]:
-    """Every study of a job as {path, body_part, label, score, status}, by path: what an
-    evaluation compares."""
+    """Every study of a job as {path, body_part, label, score, status, partial}, by path:
+    what an evaluation compares."""
     rows = session.execute(
-        select(Study.path, Study.body_part, Study.label, Study.score, Study.status)
+        select(Study.path, Study.body_part, Study.label, Study.score, Study.status,
+               Study.partial)
         .where(Study.job_id == job_id)
         .order_by(_by_path(session, Study.path))
     )

@@ -102,12 +102,29 @@ def _create_engine(url: URL) -> Engine:
             event.listen(engine, "connect", _set_sqlite_pragmas)
             return engine
         connect_args: dict[str, Any] = {}
-        if backend == "postgresql" and "connect_timeout" not in url.query:
-            connect_args["connect_timeout"] = 10
+        if backend == "postgresql":
+            connect_args = postgres_connect_args(url)
         return create_engine(url, pool_pre_ping=True, connect_args=connect_args,
                              hide_parameters=True)
     except (sa_exc.NoSuchModuleError, ImportError) as exc:
         raise DatabaseError(f"no driver for {masked_url(url)}: {exc}") from None
+
+
+def postgres_connect_args(url: URL) -> dict[str, Any]:
+    """libpq settings that turn a hung server or a lock held for ever into an error that
+    the workers' retry loop handles: connect timeout, TCP keepalives, and server-side lock
+    and statement timeouts (BONEXRAY_DB_*_TIMEOUT_MS). The URL's own query wins."""
+    settings = get_settings()
+    args: dict[str, Any] = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30,
+                            "keepalives_interval": 10, "keepalives_count": 3}
+    options = []
+    if settings.db_lock_timeout_ms > 0:
+        options.append(f"-c lock_timeout={settings.db_lock_timeout_ms}")
+    if settings.db_statement_timeout_ms > 0:
+        options.append(f"-c statement_timeout={settings.db_statement_timeout_ms}")
+    if options:
+        args["options"] = " ".join(options)
+    return {key: value for key, value in args.items() if key not in url.query}
 
 
 def get_engine(url: str | None = None) -> Engine:

@@ -69,33 +69,76 @@ def register_model(*, session: Session, path: str, sha256: str, meta: dict[str, 
     return model
 
 
+NOT_UTF8_FILE = "file name is not valid UTF-8 (shown with \\x escapes): rename the file"
+NOT_UTF8_FOLDER = "folder name is not valid UTF-8 (shown with \\x escapes): rename the folder"
+
+
+def storable_path(path: str) -> tuple[str, bool]:
+    """(text for SQL, True if it is the path itself). A name read from a filesystem in
+    another encoding holds lone surrogates that neither PostgreSQL nor SQLite can store:
+    it is kept with \\x escapes, and whoever reads it back knows it cannot be opened."""
+    try:
+        path.encode("utf-8")
+        return path, True
+    except UnicodeEncodeError:
+        raw = path.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8", "backslashreplace"), False
+
+
 def create_job(*, session: Session, root: str, model_id: int, studies: Sequence[FoundStudy],
-               mode: str, options: dict[str, Any]) -> Job:
-    """A new job with one row per study: queued, or empty (and finished) without views."""
+               mode: str, options: dict[str, Any], sent: bool = False) -> Job:
+    """A new job with one row per study, and one per view: the ledger the workers read.
+
+    A study is queued, or empty (and finished) without views, or failed at once when its
+    folder name cannot be stored; a view whose file name cannot be stored fails at once
+    with the reason, and its study goes on with the rest. `sent`: the studies' messages
+    are about to be published (the reaper counts from now).
+    """
     now = utcnow()
     job = Job(root=root, model_id=model_id, mode=mode, options=dict(options),
               n_studies=len(studies), n_views=sum(len(s.views) for s in studies),
               created_at=now, finished_at=None)
     session.add(job)
     session.flush()
-    rows = [
-        {
+    rows = []
+    views_by_path: dict[str, list[dict[str, Any]]] = {}
+    for s in studies:
+        path, path_ok = storable_path(s.path)
+        views = []
+        for view in s.views:
+            text, ok = storable_path(view)
+            views.append({"path": text, "prob": None, "error": None if ok else NOT_UTF8_FILE})
+        if not path_ok:
+            status, error = FAILED, NOT_UTF8_FOLDER
+            views = []
+        elif not views:
+            status, error = EMPTY, EMPTY_STUDY_ERROR
+        elif all(v["error"] for v in views):
+            status, error = FAILED, f"no view could be scored: all {len(views)} failed: " \
+                                    f"{NOT_UTF8_FILE}"
+        else:
+            status, error = QUEUED, None
+        views_by_path[path] = views
+        rows.append({
             "job_id": job.id,
-            "path": s.path,
+            "path": path,
             "body_part": s.body_part,
             "patient": s.patient,
             "label": s.label,
             "n_views": len(s.views),
-            "status": EMPTY if s.is_empty else QUEUED,
-            "error": EMPTY_STUDY_ERROR if s.is_empty else None,
+            "status": status,
+            "error": error,
             "attempts": 0,
-            "finished_at": now if s.is_empty else None,
-        }
-        for s in studies
-    ]
+            "finished_at": None if status == QUEUED else now,
+            "sent_at": now if sent and status == QUEUED else None,
+        })
     if rows:
         # One executemany (batched multi-row VALUES), not an ORM unit of work per study.
-        session.execute(insert(Study), rows)
+        ids = session.execute(insert(Study).returning(Study.id, Study.path), rows).all()
+        view_rows = [{"study_id": study_id, **view}
+                     for study_id, path in ids for view in views_by_path[path]]
+        if view_rows:
+            session.execute(insert(View), view_rows)
     return job
 
 
@@ -109,16 +152,18 @@ def queued_studies(*, session: Session, job_id: int) -> list[tuple[int, str]]:
     return [(row.id, row.path) for row in rows]
 
 
-def _upsert_views(session: Session, rows: list[dict[str, Any]]) -> None:
-    table = _VIEWS
+def _dialect_insert(session: Session, table: Table) -> Any:
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        stmt: Any = postgresql.insert(table)
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(table)
-    else:
-        raise NotImplementedError(f"view upserts are written for postgresql and sqlite, "
-                                  f"not {dialect}")
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"upserts are written for postgresql and sqlite, not {dialect}")
+
+
+def _upsert_views(session: Session, rows: list[dict[str, Any]]) -> None:
+    table = _VIEWS
+    stmt: Any = _dialect_insert(session, table)
     stmt = stmt.on_conflict_do_update(
         index_elements=[table.c.study_id, table.c.path],
         set_={"prob": stmt.excluded.prob, "error": stmt.excluded.error},
@@ -127,16 +172,27 @@ def _upsert_views(session: Session, rows: list[dict[str, Any]]) -> None:
 
 
 def save_results(*, session: Session, job_id: int, results: Sequence[StudyResult],
-                 worker: str) -> None:
-    """Write study results and their views; saving the same results again changes nothing
-    but the studies' attempt count and finish time.
+                 worker: str) -> int:
+    """Write the results of studies still queued, with their views, and end their leases;
+    returns how many were written. A study already finished (by another delivery of the
+    same chunk) keeps its result: saving again changes nothing.
 
     Bulk statements: Study objects already loaded in `session` are not refreshed.
     """
     if not results:
-        return
-    now = utcnow()
+        return 0
     table = _STUDIES
+    open_ids = set(session.scalars(
+        select(table.c.id)
+        .where(table.c.id.in_(sorted({r.study_id for r in results})),
+               table.c.job_id == job_id, table.c.status == QUEUED)
+        .order_by(table.c.id)
+        .with_for_update()
+    ))
+    results = [r for r in results if r.study_id in open_ids]
+    if not results:
+        return 0
+    now = utcnow()
     stmt = (
         update(table)
         .where(table.c.id == bindparam("b_id"), table.c.job_id == job_id)
@@ -145,14 +201,17 @@ def save_results(*, session: Session, job_id: int, results: Sequence[StudyResult
             score=bindparam("b_score"),
             prediction=bindparam("b_prediction"),
             error=bindparam("b_error"),
+            partial=bindparam("b_partial"),
             worker=worker,
             finished_at=now,
-            attempts=table.c.attempts + 1,
+            claimed_by=None,
+            heartbeat_at=None,
+            decoding=None,
         )
     )
     study_rows = [
         {"b_id": r.study_id, "b_status": r.status, "b_score": r.score,
-         "b_prediction": r.prediction, "b_error": r.error}
+         "b_prediction": r.prediction, "b_error": r.error, "b_partial": r.partial}
         for r in sorted(results, key=lambda r: r.study_id)
     ]
     session.execute(stmt, study_rows)
@@ -164,33 +223,48 @@ def save_results(*, session: Session, job_id: int, results: Sequence[StudyResult
                                            "prob": v.prob, "error": v.error}
     if views:
         _upsert_views(session, [views[k] for k in sorted(views)])
+    return len(results)
 
 
 def mark_failed(*, session: Session, study_ids: Sequence[int], error: str,
                 worker: str) -> None:
-    """Fail the studies among `study_ids` still queued, with `error` (results stay as they are)."""
+    """Fail the studies among `study_ids` still queued, with `error`, ending their leases
+    (results stay as they are)."""
     if not study_ids:
         return
     session.execute(
         update(Study)
-        .where(Study.id.in_(list(study_ids)), Study.status == QUEUED)
+        .where(Study.id.in_(sorted(study_ids)), Study.status == QUEUED)
         .values(status=FAILED, error=error, worker=worker, finished_at=utcnow(),
-                attempts=Study.attempts + 1)
+                claimed_by=None, heartbeat_at=None, decoding=None)
     )
 
 
 def save_batch_stats(*, session: Session, job_id: int, worker: str, provider: str,
-                     stats: Sequence[BatchStat]) -> None:
-    """Record the timing of each inference batch."""
+                     stats: Sequence[BatchStat], chunk: str | None = None) -> None:
+    """Record the timing of each inference batch. Rows are keyed by (job, `chunk`, batch
+    number): a chunk delivered again rewrites its rows instead of adding more."""
     if not stats:
         return
     now = utcnow()
-    session.execute(insert(BatchStatRow), [
+    rows = [
         {"job_id": job_id, "worker": worker, "provider": provider, "n_views": s.n_views,
          "decode_ms": s.decode_ms, "infer_ms": s.infer_ms, "write_ms": s.write_ms,
-         "created_at": now}
-        for s in stats
-    ])
+         "created_at": now, "chunk": chunk, "seq": seq if chunk is not None else None}
+        for seq, s in enumerate(stats)
+    ]
+    if chunk is None:
+        session.execute(insert(BatchStatRow), rows)
+        return
+    table = cast(Table, BatchStatRow.__table__)
+    stmt: Any = _dialect_insert(session, table)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[table.c.job_id, table.c.chunk, table.c.seq],
+        set_={name: stmt.excluded[name] for name in
+              ("worker", "provider", "n_views", "decode_ms", "infer_ms", "write_ms",
+               "created_at")},
+    )
+    session.execute(stmt, rows)
 
 
 def finish_job_if_done(*, session: Session, job_id: int) -> bool:
@@ -200,8 +274,10 @@ def finish_job_if_done(*, session: Session, job_id: int) -> bool:
     """
     # Lock the job row: two workers finishing the last chunks in parallel transactions
     # then check one after the other, and the second sees the first's committed studies.
+    # FOR NO KEY UPDATE: it does not conflict with the key-share lock that inserting batch
+    # timings (a foreign key to this row) takes, so two such workers cannot deadlock.
     job = session.execute(
-        select(Job.id, Job.finished_at).where(Job.id == job_id).with_for_update()
+        select(Job.id, Job.finished_at).where(Job.id == job_id).with_for_update(key_share=True)
     ).one_or_none()
     if job is None:
         return False

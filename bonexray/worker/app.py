@@ -7,7 +7,12 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from bonexray.settings import Settings, get_settings
 
@@ -20,7 +25,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings, chosen on purpose (see README, "Celery settings")."""
     transport = {
         # A SIGKILLed solo/main worker rejects nothing: its unacked chunk returns only after
-        # this many seconds. Producers and workers must agree on it.
+        # this many seconds (the reaper sends its studies again sooner, once their leases
+        # run out; a late second delivery finds them finished or leased and changes nothing).
         "visibility_timeout": settings.visibility_timeout,
         # kombu sweeps for such messages only every interval x throttle seconds (10 x 10 by
         # default): 100 s on top of the timeout. Sweep every interval, a fraction of it.
@@ -41,12 +47,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # back: nothing is lost, and upserts make a second run change nothing.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # A chunk that failed every retry is acknowledged (its studies are marked failed with
-        # the reason first), not redelivered forever.
+        # A chunk that raised (a bug: its studies are failed with the reason first) is
+        # acknowledged, not redelivered forever. Database outages never raise: the task
+        # waits them out, holding its chunk, and so takes no new one.
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
         # On a lost broker connection running chunks finish and write their results; their
-        # messages come back after the visibility timeout and rewrite the same rows.
+        # messages come back after the visibility timeout and find them finished.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # Publishing (enqueue, requeue, retries) rides out a short broker restart.
         "task_publish_retry": True,
@@ -107,3 +114,19 @@ def _close_resources(**_: Any) -> None:
         get_engine(get_settings().database_url).dispose()
     except Exception:  # shutting down: nothing useful to do with the error
         log.debug("engine dispose failed at shutdown", exc_info=True)
+
+
+@worker_ready.connect
+def _start_reaper(sender: Any = None, **_: Any) -> None:
+    # In the main process of every worker: no leader to elect, SKIP LOCKED keeps reapers
+    # of different workers off each other's rows.
+    from bonexray.worker.reaper import start_reaper
+
+    start_reaper(app=sender.app if sender is not None else app, settings=get_settings())
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_: Any) -> None:
+    from bonexray.worker.reaper import stop_reaper
+
+    stop_reaper()

@@ -28,6 +28,11 @@ class ModelLoadError(RuntimeError):
     """The model file cannot be used: missing, tampered with, or not a bonexray model."""
 
 
+class ModelMismatchError(ModelLoadError):
+    """The model file is not the one registered (sha256 mismatch): the model itself is bad,
+    on every worker, so its studies fail instead of waiting for a healthy worker."""
+
+
 class ProviderError(RuntimeError):
     """The execution provider the settings demand is not active."""
 
@@ -199,7 +204,7 @@ class Classifier:
             raise ModelLoadError(f"cannot read model {path}: {exc.strerror or exc}") from None
         self.sha256 = sha256_bytes(data)
         if expected_sha256 is not None and self.sha256 != expected_sha256:
-            raise ModelLoadError(
+            raise ModelMismatchError(
                 f"model {path}: sha256 mismatch: file has {self.sha256[:16]}…, registry "
                 f"expects {expected_sha256[:16]}…; refusing to load a changed model file"
             )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bonexray.imaging import ImageError, load_view
+from bonexray.imaging import DEFAULT_DECODE_BUDGET, ImageError, load_view
 from bonexray.results import DONE, EMPTY, FAILED, BatchStat, StudyResult, StudyTask, ViewResult
 from bonexray.security import check_view
 
@@ -27,6 +27,8 @@ class PipelineOptions:
     aggregation: str | None = None  # None: the model's own (metadata), else "mean" / "max"
     # Real paths of BONEXRAY_DATA_ROOTS; a view outside them (or linking out) fails unread.
     data_roots: tuple[str, ...] = ()
+    # Memory one decode may use (estimated from the header); more fails the view.
+    decode_budget_bytes: int = DEFAULT_DECODE_BUDGET
 
 
 def aggregate(probs: Sequence[float], how: str) -> float:
@@ -36,6 +38,25 @@ def aggregate(probs: Sequence[float], how: str) -> float:
     if how == "max":
         return float(np.max(probs))
     raise ValueError(f"unknown aggregation {how!r}; choose mean or max")
+
+
+def study_result(task: StudyTask, views: tuple[ViewResult, ...], *, threshold: float,
+                 how: str) -> StudyResult:
+    """A study's result from its settled views: scored from those that have a probability
+    (partial when others failed), failed when none has, empty without views."""
+    if not views:
+        return StudyResult(task.id, task.path, EMPTY, None, None, (),
+                           "no views: the folder holds no .png/.jpg/.jpeg files")
+    scored = [v.prob for v in views if v.prob is not None]
+    if not scored:
+        reasons = sorted({v.error for v in views if v.error})
+        detail = f": {reasons[0]}" if len(reasons) == 1 else ""
+        return StudyResult(task.id, task.path, FAILED, None, None, views,
+                           f"no view could be scored: all {len(views)} failed{detail}")
+    score = aggregate(scored, how)
+    prediction = "abnormal" if score >= threshold else "normal"
+    return StudyResult(task.id, task.path, DONE, score, prediction, views,
+                       partial=len(scored) < len(views))
 
 
 def _decode_ahead(views: Sequence[str], decode: Callable[[str], np.ndarray],
@@ -61,6 +82,7 @@ def classify_studies(
     aggregation: str = "mean",
     options: PipelineOptions | None = None,
     on_ready: Callable[[list[StudyResult]], None] | None = None,
+    before_decode: Callable[[str], None] | None = None,
 ) -> tuple[list[StudyResult], list[BatchStat]]:
     """Classify every study of a chunk.
 
@@ -71,6 +93,7 @@ def classify_studies(
     `on_ready`, when given, receives the studies whose every view is settled as soon as
     they are (after each batch), in order, so that a caller can write them while the next
     batch runs; every study is passed exactly once. All results are also returned.
+    `before_decode(path)`, when given, runs in the decoding thread before each view is read.
     """
     opts = options or PipelineOptions()
     how = opts.aggregation or aggregation
@@ -89,17 +112,9 @@ def classify_studies(
         view_results = tuple(ViewResult(path=path, prob=view_probs.get(first + k),
                                         error=view_errors.get(first + k))
                              for k, path in enumerate(task.views))
-        scored = [v.prob for v in view_results if v.prob is not None]
-        if not task.views:
-            return StudyResult(task.id, task.path, EMPTY, None, None, (),
-                               "no views: the folder holds no .png/.jpg/.jpeg files")
-        if not scored:
-            return StudyResult(task.id, task.path, FAILED, None, None, view_results,
-                               f"no view could be scored: all {len(task.views)} failed to "
-                               "decode")
-        score = aggregate(scored, how)
-        prediction = "abnormal" if score >= threshold else "normal"
-        return StudyResult(task.id, task.path, DONE, score, prediction, view_results)
+        view_results += tuple(ViewResult(path=path, prob=None, error=error)
+                              for path, error in task.failed)
+        return study_result(task, view_results, threshold=threshold, how=how)
 
     def release(settled: int) -> None:
         """Finish (and hand over) every study whose views all lie below index `settled`."""
@@ -110,8 +125,11 @@ def classify_studies(
             on_ready(results[start:])
 
     def decode(path: str) -> np.ndarray:
+        if before_decode is not None:
+            before_decode(path)
         check_view(path, opts.data_roots)
-        return load_view(path, input_size, resize, max_pixels=opts.max_image_pixels)
+        return load_view(path, input_size, resize, max_pixels=opts.max_image_pixels,
+                         budget_bytes=opts.decode_budget_bytes)
 
     batch = np.empty((max(1, opts.batch_size), 1, input_size, input_size), dtype=np.uint8)
     batch_ids: list[int] = []

@@ -3,26 +3,29 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import queue
+import random
 import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from bonexray.db import store
-from bonexray.db.models import Model
-from bonexray.db.session import session_scope
+from bonexray.db import ledger, store
+from bonexray.db.models import Job, Model
+from bonexray.db.session import open_database, session_scope
 from bonexray.modelstore import local_model_path
 from bonexray.results import DONE, FAILED, BatchStat, StudyResult, StudyTask
 from bonexray.security import parse_data_roots
 from bonexray.settings import Settings
-from bonexray.worker.inference import Classifier, ModelLoadError
+from bonexray.worker.inference import Classifier, ModelMismatchError
 from bonexray.worker.pipeline import PipelineOptions, classify_studies
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,15 @@ log = logging.getLogger(__name__)
 _MAX_MODELS = 2
 _lock = threading.Lock()
 _classifiers: OrderedDict[tuple[int, str, str], Classifier] = OrderedDict()
+
+
+class WorkerSickError(RuntimeError):
+    """This worker cannot classify (the model will not load here, the provider fails): it
+    must stop taking work and leave the studies to healthy workers."""
+
+
+class UnknownJobError(LookupError):
+    """A message names a job this database does not have."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,7 @@ class ChunkSummary:
     views: int
     views_failed: int
     provider: str
+    skipped: int = 0  # finished already or held by a live worker: not this call's work
 
 
 def worker_name() -> str:
@@ -143,45 +156,171 @@ def pipeline_options(settings: Settings) -> PipelineOptions:
         prefetch_views=settings.prefetch_views,
         max_image_pixels=settings.max_image_pixels,
         data_roots=parse_data_roots(settings.data_roots),
+        decode_budget_bytes=settings.decode_budget_bytes,
     )
 
 
-def process_chunk(*, engine: Engine, job_id: int, model_id: int, tasks: Sequence[StudyTask],
-                  settings: Settings, worker: str | None = None) -> ChunkSummary:
-    """Classify a chunk of studies and write every study and view row as they finish.
+def is_transient(exc: BaseException) -> bool:
+    """Errors that heal by themselves: the database unreachable, restarting, or locked."""
+    from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-    A model that cannot be loaded fails the chunk's studies with the reason (retrying would
-    not heal it); database errors propagate so that the caller can retry.
+    from bonexray.db.session import DatabaseError
+
+    if isinstance(exc, OperationalError | InterfaceError | DisconnectionError |
+                  PoolTimeoutError | DatabaseError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+class Heartbeat:
+    """Renews the chunk's leases every third of the lease while the chunk runs."""
+
+    def __init__(self, *, engine: Engine, study_ids: Sequence[int], worker: str,
+                 lease_seconds: int) -> None:
+        self.engine, self.ids, self.worker = engine, list(study_ids), worker
+        self.interval = max(0.5, lease_seconds / 3)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                with session_scope(self.engine) as session:
+                    ledger.heartbeat(session=session, study_ids=self.ids, worker=self.worker)
+            except Exception as exc:  # the chunk itself meets the same error and retries
+                log.debug("heartbeat failed: %s", one_line(exc))
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+
+def _load_job_model(engine: Engine, job_id: int) -> Model:
+    with session_scope(engine) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise UnknownJobError(f"job {job_id} is not in this database")
+        model = session.get(Model, job.model_id)
+        if model is None:
+            raise UnknownJobError(f"job {job_id}: its model {job.model_id} is not registered")
+        session.expunge(model)
+    return model
+
+
+def process_chunk(*, engine: Engine, job_id: int, study_ids: Sequence[int], settings: Settings,
+                  worker: str | None = None, chunk: str | None = None) -> ChunkSummary:
+    """Claim the chunk's studies in SQL, classify them, and write every study and view row
+    as they finish.
+
+    Only the job's unfinished studies that no live worker holds are claimed; their views
+    come from SQL. Studies claimed before without finishing (their worker was lost) are
+    decoded one view at a time, each view recorded first, so that a view that kills its
+    process is found and failed after `max_crashes`. A model that fails its sha256 check
+    fails the studies; a model that cannot be loaded here raises WorkerSickError, leaving
+    the studies to others. Database errors propagate: the caller retries (run_chunk).
     """
     worker = worker or worker_name()
-    with session_scope(engine) as session:
-        model = session.get(Model, model_id)
-        if model is None:
-            raise ModelLoadError(f"model id {model_id} is not in the registry")
-        session.expunge(model)
+    model = _load_job_model(engine, job_id)
     try:
         classifier = get_classifier(model, settings)
-    except ModelLoadError as exc:
+    except ModelMismatchError as exc:
         with session_scope(engine) as session:
-            store.mark_failed(session=session, study_ids=[t.id for t in tasks],
-                              error=str(exc), worker=worker)
+            store.mark_failed(session=session, study_ids=study_ids, error=str(exc),
+                              worker=worker)
             store.finish_job_if_done(session=session, job_id=job_id)
+        log.error("job %d: %s", job_id, exc)
+        return ChunkSummary(len(study_ids), 0, len(study_ids), 0, 0, "")
+    except Exception as exc:
+        raise WorkerSickError(f"cannot load model {model.name} (sha256 {model.sha256[:12]}…) "
+                              f"on this worker: {one_line(exc)}") from exc
+    with session_scope(engine) as session:
+        claim = ledger.claim_studies(
+            session=session, job_id=job_id, study_ids=study_ids, worker=worker,
+            lease_seconds=settings.lease_seconds, max_crashes=settings.max_crashes,
+            max_attempts=settings.max_attempts)
+    tasks = claim.tasks
+    if not tasks:
+        if claim.failed:
+            with session_scope(engine) as session:
+                store.finish_job_if_done(session=session, job_id=job_id)
+        return ChunkSummary(0, 0, claim.failed, 0, 0, classifier.provider, claim.skipped)
+    suspects = set(claim.suspects)
+    plain = [t for t in tasks if t.id not in suspects]
+    careful = [t for t in tasks if t.id in suspects]
+    try:
+        with Heartbeat(engine=engine, study_ids=[t.id for t in tasks], worker=worker,
+                       lease_seconds=settings.lease_seconds):
+            results, stats = _classify(engine, job_id, plain, classifier, settings, worker)
+            for task in careful:
+                results += _classify_carefully(engine, job_id, task, classifier, settings,
+                                               worker)
+    except Exception as exc:
+        if isinstance(exc, InferenceError):
+            raise WorkerSickError(str(exc)) from exc
         raise
+    try:
+        with session_scope(engine) as session:
+            store.save_batch_stats(session=session, job_id=job_id, worker=worker,
+                                   provider=classifier.provider, stats=stats, chunk=chunk)
+            store.finish_job_if_done(session=session, job_id=job_id)
+    except Exception as exc:
+        # Every result is saved: classifying the chunk again would not help. A job with no
+        # queued study counts as finished anyway (query.job_progress), and a later chunk
+        # stamps its finish time.
+        log.warning("job %d: results saved, but not the batch timings and finish check: "
+                    "%s", job_id, one_line(exc))
+    views = sum(len(r.views) for r in results)
+    views_failed = sum(1 for r in results for v in r.views if v.error is not None)
+    summary = ChunkSummary(
+        studies=len(results),
+        done=sum(r.status == DONE for r in results),
+        failed=sum(r.status == FAILED for r in results) + claim.failed,
+        views=views,
+        views_failed=views_failed,
+        provider=classifier.provider,
+        skipped=claim.skipped,
+    )
+    log.info("job %d: chunk of %d studies (%d views, %d failed, %d careful) done on %s",
+             job_id, summary.studies, views, views_failed, len(careful), summary.provider)
+    return summary
+
+
+class InferenceError(RuntimeError):
+    """onnxruntime failed on a batch (out of device memory, a broken provider)."""
+
+
+def _predictor(classifier: Classifier) -> Any:
+    def predict(pixels: Any) -> Any:
+        try:
+            return classifier.predict(pixels)
+        except Exception as exc:
+            raise InferenceError(f"inference failed on {classifier.provider}: "
+                                 f"{one_line(exc)}") from exc
+    return predict
+
+
+def _classify(engine: Engine, job_id: int, tasks: Sequence[StudyTask], classifier: Classifier,
+              settings: Settings, worker: str) -> tuple[list[StudyResult], list[BatchStat]]:
+    """The plain path: views of all studies batched together, results written beside
+    inference."""
+    if not tasks:
+        return [], []
     info = classifier.info
-    # Results are written beside inference: each batch's finished studies go to the writer
-    # thread while the next batch runs, so SQL time hides behind the model.
     writer = ResultWriter(engine=engine, job_id=job_id, worker=worker)
     try:
         results, stats = classify_studies(
-            tasks,
-            predict=classifier.predict,
-            input_size=info.input_size,
-            resize=info.resize,
-            threshold=info.threshold,
-            aggregation=info.aggregation,
-            options=pipeline_options(settings),
-            on_ready=writer.put,
-        )
+            tasks, predict=_predictor(classifier), input_size=info.input_size,
+            resize=info.resize, threshold=info.threshold, aggregation=info.aggregation,
+            options=pipeline_options(settings), on_ready=writer.put)
     except BaseException:
         with contextlib.suppress(BaseException):  # the pipeline's error is the one to see
             writer.close(timeout=60)
@@ -192,27 +331,113 @@ def process_chunk(*, engine: Engine, job_id: int, model_id: int, tasks: Sequence
         # the wall time) is charged to its last batch.
         last = stats[-1]
         stats[-1] = BatchStat(last.n_views, last.decode_ms, last.infer_ms, write_ms)
+    return results, stats
+
+
+def _classify_carefully(engine: Engine, job_id: int, task: StudyTask, classifier: Classifier,
+                        settings: Settings, worker: str) -> list[StudyResult]:
+    """One study whose worker was lost before: each view is recorded in SQL before it is
+    decoded, one at a time, so that a view that kills the process is known next time."""
+    def mark(view: str | None) -> None:
+        with session_scope(engine) as session:
+            ledger.mark_decoding(session=session, study_id=task.id, worker=worker, view=view)
+
+    predict = _predictor(classifier)
+
+    def predict_after_decoding(pixels: Any) -> Any:
+        mark(None)  # decoding is over: a crash from here on is not a view's fault
+        return predict(pixels)
+
+    info = classifier.info
+    options = dataclasses.replace(pipeline_options(settings), decode_threads=1,
+                                  prefetch_views=1, batch_size=max(1, len(task.views)))
+    results, _ = classify_studies(
+        [task], predict=predict_after_decoding, input_size=info.input_size,
+        resize=info.resize, threshold=info.threshold, aggregation=info.aggregation,
+        options=options, before_decode=mark)
+    with session_scope(engine) as session:
+        store.save_results(session=session, job_id=job_id, results=results, worker=worker)
+    log.info("job %d: study %d decoded carefully after a lost worker", job_id, task.id)
+    return results
+
+
+def fail_claimed(*, engine: Engine, job_id: int, study_ids: Sequence[int], worker: str,
+                 error: str) -> None:
+    """Fail what this worker still holds of a chunk (a bug, not a fault that heals)."""
+    from sqlalchemy import select
+
+    from bonexray.db.models import Study
+
     try:
         with session_scope(engine) as session:
-            store.save_batch_stats(session=session, job_id=job_id, worker=worker,
-                                   provider=classifier.provider, stats=stats)
+            held = list(session.scalars(select(Study.id).where(
+                Study.id.in_(sorted(study_ids)), Study.claimed_by == worker)))
+            store.mark_failed(session=session, study_ids=held, error=error, worker=worker)
+        with session_scope(engine) as session:
             store.finish_job_if_done(session=session, job_id=job_id)
     except Exception as exc:
-        # Every result is saved: classifying the chunk again would not help. A job with no
-        # queued study counts as finished anyway (query.job_progress), and a later chunk
-        # stamps its finish time.
-        log.warning("job %d: results saved, but not the batch timings and finish check: "
-                    "%s", job_id, " ".join(str(exc).split())[:200])
-    views = sum(len(r.views) for r in results)
-    views_failed = sum(1 for r in results for v in r.views if v.error is not None)
-    summary = ChunkSummary(
-        studies=len(results),
-        done=sum(r.status == DONE for r in results),
-        failed=sum(r.status == FAILED for r in results),
-        views=views,
-        views_failed=views_failed,
-        provider=classifier.provider,
-    )
-    log.info("job %d: chunk of %d studies (%d views, %d failed) done on %s",
-             job_id, summary.studies, views, views_failed, summary.provider)
-    return summary
+        log.error("job %d: could not record the failed chunk (%s); its leases run out and "
+                  "the reaper sends it again", job_id, one_line(exc))
+
+
+def release_claimed(*, engine: Engine, study_ids: Sequence[int], worker: str) -> None:
+    """Give the chunk's leases back (best effort: else they run out by themselves)."""
+    try:
+        with session_scope(engine) as session:
+            ledger.release(session=session, study_ids=study_ids, worker=worker)
+    except Exception as exc:
+        log.warning("could not release the chunk's leases (%s); they run out in time",
+                    one_line(exc))
+
+
+def backoff_delays(base: float = 0.5, cap: float = 30.0) -> Iterator[float]:
+    """Exponential backoff with full jitter: 0..0.5, 0..1, 0..2 ... s, at most `cap`."""
+    step = base
+    while True:
+        yield random.uniform(step / 2, step)
+        step = min(cap, step * 2)
+
+
+def run_chunk(*, database_url: str, job_id: int, study_ids: Sequence[int], settings: Settings,
+              worker: str | None = None, chunk: str | None = None,
+              database: str | None = None, sleep: Any = time.sleep) -> ChunkSummary:
+    """process_chunk, riding out database outages: while the database is unreachable (or a
+    lock or statement times out) the chunk is kept and tried again with jittered backoff,
+    for as long as the outage lasts; the caller takes no new work meanwhile.
+
+    `database`: the identity the message was written for; another database's message
+    raises ForeignMessageError before anything is read. A bug fails what the chunk still
+    holds, with the reason, and is raised.
+    """
+    worker = worker or worker_name()
+    delays = backoff_delays()
+    outage_since: float | None = None
+    while True:
+        try:
+            engine = open_database(database_url)
+            if database is not None and database != ledger.database_id(engine):
+                raise ledger.ForeignMessageError(
+                    f"the message is for database {database[:8]}…, this worker's is "
+                    f"{ledger.database_id(engine)[:8]}… (producer and worker have different "
+                    "BONEXRAY_DATABASE_URL)")
+            summary = process_chunk(engine=engine, job_id=job_id, study_ids=study_ids,
+                                    settings=settings, worker=worker, chunk=chunk)
+            if outage_since is not None:
+                log.info("job %d: database back after %.0f s; chunk done", job_id,
+                         time.monotonic() - outage_since)
+            return summary
+        except (WorkerSickError, UnknownJobError, ledger.ForeignMessageError):
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                fail_claimed(engine=open_database(database_url), job_id=job_id,
+                             study_ids=study_ids, worker=worker,
+                             error=f"worker error: {type(exc).__name__}: {one_line(exc)}")
+                raise
+            now = time.monotonic()
+            outage_since = outage_since if outage_since is not None else now
+            delay = next(delays)
+            log.warning("job %d: database unavailable (%s: %s); keeping the chunk, retry in "
+                        "%.1f s (%.0f s so far)", job_id, type(exc).__name__, one_line(exc)[:80],
+                        delay, now - outage_since)
+            sleep(delay)

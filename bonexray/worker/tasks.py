@@ -1,92 +1,78 @@
-"""Celery tasks; thin: parse the JSON message, delegate to process_chunk, retry what can heal."""
+"""Celery tasks; thin: check the JSON message, delegate to run_chunk, stop a sick worker."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Any
 
 from celery import Task
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from celery.exceptions import Reject
 
-from bonexray.db.session import DatabaseError, open_database, session_scope
-from bonexray.results import StudyTask
+from bonexray.db.ledger import ForeignMessageError
+from bonexray.db.session import open_database
+from bonexray.jobs import ChunkMessage
 from bonexray.settings import get_settings
 from bonexray.worker.app import TASK_CLASSIFY, app
-from bonexray.worker.inference import ModelLoadError
-from bonexray.worker.process import process_chunk, worker_name
+from bonexray.worker.process import (
+    UnknownJobError,
+    WorkerSickError,
+    release_claimed,
+    run_chunk,
+    worker_name,
+)
 
 log = logging.getLogger(__name__)
 
-
-def retry_countdown(retries: int, visibility_timeout: int) -> int:
-    """Exponential backoff (2, 4, 8 ... s, at most 60), always well below the visibility
-    timeout, or Redis would hand the same message to a second worker meanwhile."""
-    return int(max(1, min(2 ** (retries + 1), 60, visibility_timeout // 4)))
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Errors that heal by themselves: the database unreachable, restarting, or locked."""
-    if isinstance(exc, OperationalError | InterfaceError | DisconnectionError |
-                  PoolTimeoutError | DatabaseError):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
+# Set by `bonexray worker` for its pool processes: whom to stop, and where to say why.
+MAIN_PID_ENV = "BONEXRAY_WORKER_MAIN_PID"
+SICK_FILE_ENV = "BONEXRAY_WORKER_SICK_FILE"
 
 
 @app.task(name=TASK_CLASSIFY, bind=True, acks_late=True, reject_on_worker_lost=True)
-def classify_chunk(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    """Classify one chunk: {"job": id, "model": id, "studies": [{"id", "path", "views"}]}."""
+def classify_chunk(self: Task, payload: Any) -> dict[str, Any]:
+    """Classify one chunk: {"job": id, "db": database id, "studies": [id, ...]}."""
+    try:
+        message = ChunkMessage.from_json(payload)
+    except ValueError as exc:
+        log.error("refusing a task message: %s", exc)
+        return {"refused": str(exc)}
     settings = get_settings()
-    job_id = int(payload["job"])
-    model_id = int(payload["model"])
-    tasks = [StudyTask.from_json(s) for s in payload["studies"]]
+    worker = worker_name()
     try:
-        engine = open_database(settings.database_url)
-        summary = process_chunk(engine=engine, job_id=job_id, model_id=model_id, tasks=tasks,
-                                settings=settings, worker=worker_name())
-    except ModelLoadError as exc:
-        # Not transient (a changed or missing model file): fail the chunk's studies with the
-        # reason; retrying would not heal it. mark_failed only touches studies still queued.
-        log.error("job %d: chunk failed: %s", job_id, exc)
-        _fail_chunk(job_id, tasks, str(exc))
-        return {"job": job_id, "studies": len(tasks), "error": str(exc)}
-    except Exception as exc:
-        if not is_transient(exc):
-            # A bug or a broken model output: account for the studies, then let Celery log
-            # the traceback. A bad image never lands here (it fails its view in the pipeline).
-            _fail_chunk(job_id, tasks, f"worker error: {type(exc).__name__}: {_one_line(exc)}")
-            raise
-        if self.request.retries >= settings.max_retries:
-            _fail_chunk(job_id, tasks, f"database error after {settings.max_retries} "
-                        f"retries: {type(exc).__name__}: {_one_line(exc)}")
-            raise
-        countdown = retry_countdown(self.request.retries, settings.visibility_timeout)
-        log.warning("job %d: database unavailable (%s); retry %d/%d in %d s", job_id,
-                    type(exc).__name__, self.request.retries + 1, settings.max_retries, countdown)
-        raise self.retry(exc=exc, countdown=countdown, max_retries=settings.max_retries) from exc
-    return {"job": job_id, "studies": summary.studies, "done": summary.done,
-            "failed": summary.failed, "views": summary.views, "provider": summary.provider}
+        summary = run_chunk(database_url=settings.database_url, job_id=message.job,
+                            study_ids=message.studies, settings=settings, worker=worker,
+                            chunk=self.request.id, database=message.database)
+    except (ForeignMessageError, UnknownJobError) as exc:
+        # Acknowledged and dropped: scoring it here would write into the wrong database.
+        # The producer's job shows as stalled (`bonexray status`).
+        log.error("job %d: REFUSED a chunk of %d studies: %s", message.job,
+                  len(message.studies), exc)
+        return {"job": message.job, "refused": str(exc)}
+    except WorkerSickError as exc:
+        release_claimed(engine=open_database(settings.database_url),
+                        study_ids=message.studies, worker=worker)
+        stop_sick_worker(str(exc))
+        raise Reject(str(exc), requeue=True) from None
+    return {"job": message.job, "studies": summary.studies, "done": summary.done,
+            "failed": summary.failed, "skipped": summary.skipped, "views": summary.views,
+            "provider": summary.provider}
 
 
-def _fail_chunk(job_id: int, tasks: list[StudyTask], error: str) -> None:
-    from bonexray.db import store
-
+def stop_sick_worker(reason: str) -> None:
+    """Say why in the log and the sick file, and ask the worker's main process for a warm
+    shutdown: it takes no more chunks, and `bonexray worker` exits with EXIT_SICK."""
+    log.critical("this worker cannot classify and stops taking work: %s", reason)
+    path = os.environ.get(SICK_FILE_ENV)
+    if path:
+        try:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(reason)
+        except OSError as exc:
+            log.error("cannot write %s: %s", path, exc)
+    main_pid = int(os.environ.get(MAIN_PID_ENV) or os.getpid())
     try:
-        engine = open_database(get_settings().database_url)
-        with session_scope(engine) as session:
-            store.mark_failed(session=session, study_ids=[t.id for t in tasks], error=error,
-                              worker=worker_name())
-    except Exception as exc:
-        log.error("job %d: could not record the failed chunk (%s); its studies stay queued: "
-                  "`bonexray requeue %d` sends them again", job_id, _one_line(exc), job_id)
-        return
-    try:
-        # Separately: the job row may be what is locked; the failures above are recorded.
-        with session_scope(engine) as session:
-            store.finish_job_if_done(session=session, job_id=job_id)
-    except Exception as exc:
-        log.warning("job %d: could not stamp the job's finish time: %s", job_id, _one_line(exc))
+        os.kill(main_pid, signal.SIGTERM)
+    except ProcessLookupError:
+        log.error("worker main process %d is gone", main_pid)

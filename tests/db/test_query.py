@@ -12,9 +12,9 @@ from bonexray.studies import Study as FoundStudy
 
 PROGRESS_KEYS = {"job", "studies", "queued", "done", "failed", "empty", "views",
                  "views_scored", "views_failed", "finished", "started", "finished_at",
-                 "images_per_s"}
-RESULT_KEYS = {"study", "body_part", "label", "score", "prediction", "status", "error",
-               "views"}
+                 "images_per_s", "state", "in_flight", "partial", "last_progress"}
+RESULT_KEYS = {"study", "body_part", "label", "score", "prediction", "status", "partial",
+               "error", "views"}
 
 
 def _scored_job(session: Session, model: Model) -> Job:
@@ -33,7 +33,8 @@ def _scored_job(session: Session, model: Model) -> Job:
     results = [
         StudyResult(ids["/a/XR_HAND/p1/s_b"], "/a/XR_HAND/p1/s_b", "done", 0.8, "abnormal",
                     (ViewResult("/a/XR_HAND/p1/s_b/v2.png", 0.8),
-                     ViewResult("/a/XR_HAND/p1/s_b/v1.png", None, "truncated file"))),
+                     ViewResult("/a/XR_HAND/p1/s_b/v1.png", None, "truncated file")),
+                    partial=True),
         StudyResult(ids["/a/XR_HAND/p1/S_a"], "/a/XR_HAND/p1/S_a", "done", 0.1, "normal",
                     (ViewResult("/a/XR_HAND/p1/S_a/v1.png", 0.1),
                      ViewResult("/a/XR_HAND/p1/S_a/v2.png", 0.1))),
@@ -95,10 +96,11 @@ def test_job_progress(session: Session, model: Model) -> None:
     job = _scored_job(session, model)
     progress = query.job_progress(session=session, job_id=job.id)
     assert set(progress) == PROGRESS_KEYS
-    assert {k: progress[k] for k in PROGRESS_KEYS - {"images_per_s"}} == {
-        "job": job.id, "studies": 5, "queued": 1, "done": 2, "failed": 1, "empty": 1,
-        "views": 8, "views_scored": 3, "views_failed": 2, "finished": False,
-        "started": job.created_at.isoformat(), "finished_at": None,
+    assert {k: progress[k] for k in PROGRESS_KEYS - {"images_per_s", "last_progress"}} == {
+        "job": job.id, "state": "running", "studies": 5, "queued": 1, "in_flight": 0,
+        "done": 2, "partial": 1, "failed": 1, "empty": 1, "views": 8, "views_scored": 3,
+        "views_failed": 2, "finished": False, "started": job.created_at.isoformat(),
+        "finished_at": None,
     }
     assert progress["images_per_s"] is None or progress["images_per_s"] > 0
 
@@ -132,14 +134,16 @@ def test_job_results_shape_and_order(session: Session, model: Model) -> None:
     by_path = {r["study"]: r for r in results}
     assert by_path["/a/XR_HAND/p1/s_b"] == {
         "study": "/a/XR_HAND/p1/s_b", "body_part": "hand", "label": 1, "score": 0.8,
-        "prediction": "abnormal", "status": "done", "error": None,
+        "prediction": "abnormal", "status": "done", "partial": True, "error": None,
         "views": [{"path": "/a/XR_HAND/p1/s_b/v1.png", "prob": None,
                    "error": "truncated file"},
                   {"path": "/a/XR_HAND/p1/s_b/v2.png", "prob": 0.8, "error": None}],
     }
     assert by_path["/a/XR_WRIST/p3/s1"] == {
         "study": "/a/XR_WRIST/p3/s1", "body_part": "wrist", "label": 1, "score": None,
-        "prediction": None, "status": "queued", "error": None, "views": [],
+        "prediction": None, "status": "queued", "partial": False, "error": None,
+        "views": [{"path": f"/a/XR_WRIST/p3/s1/v{j}.png", "prob": None, "error": None}
+                  for j in (1, 2, 3)],
     }
     assert by_path["/a/XR_ELBOW/p4/s1"]["status"] == "empty"
     assert by_path["/a/XR_WRIST/p2/s-1"]["error"] == "no view could be scored"

@@ -112,7 +112,7 @@ def test_study_outcomes(session: Session, model: Model) -> None:
     assert [o["path"] for o in outcomes] == sorted(p for p, *_ in SPECS)
     first = outcomes[0]
     assert first == {"path": "/r/XR_ELBOW/px1/study2_positive", "body_part": "elbow",
-                     "label": 1, "score": 0.35, "status": "done"}
+                     "label": 1, "score": 0.35, "status": "done", "partial": False}
 
 
 def test_save_and_read_evaluations(session: Session, model: Model) -> None:

@@ -25,7 +25,7 @@ from bonexray.db.session import (
 )
 
 TABLES = {"models", "jobs", "studies", "views", "batch_stats", "evaluations",
-          "alembic_version"}
+          "database_identity", "alembic_version"}
 
 
 def _check_schema(engine: Engine) -> None:

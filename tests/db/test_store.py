@@ -120,34 +120,37 @@ def test_save_results_twice_leaves_the_same_rows(session: Session, model: Model)
     job = _job(session, model, 4)
     queued = store.queued_studies(session=session, job_id=job.id)
     results = [_result(i, p, (0.9, None)) for i, p in queued[:3]]
-    store.save_results(session=session, job_id=job.id, results=results, worker="w1")
+    assert store.save_results(session=session, job_id=job.id, results=results,
+                              worker="w1") == 3
     studies_once, views_once = _study_rows(session, job.id), _view_rows(session, job.id)
-    store.save_results(session=session, job_id=job.id, results=results, worker="w1")
+    assert store.save_results(session=session, job_id=job.id, results=results,
+                              worker="w1") == 0
     assert _study_rows(session, job.id) == studies_once
     assert _view_rows(session, job.id) == views_once
-    assert len(views_once) == 6
+    assert len(views_once) == 8  # the queued study's two views are registered, unscored
     assert [r["status"] for r in studies_once] == ["done", "done", "done", "queued"]
     assert studies_once[0]["score"] == pytest.approx(0.9)
-    attempts = session.scalars(select(Study.attempts).where(Study.job_id == job.id)
-                               .order_by(Study.id)).all()
-    assert attempts == [2, 2, 2, 0]
     assert store.queued_studies(session=session, job_id=job.id) == queued[3:]
 
 
-def test_view_upsert_updates_prob_on_conflict(session: Session, model: Model) -> None:
+def test_a_finished_study_keeps_its_first_result(session: Session, model: Model) -> None:
+    # A second delivery of the same chunk (its lease ran out meanwhile) must not overwrite
+    # a result that is already in.
     job = _job(session, model, 1)
     ((study_id, path),) = store.queued_studies(session=session, job_id=job.id)
+    before = _view_rows(session, job.id)
+    assert [(r[3], r[4]) for r in before] == [(None, None), (None, None)]  # registered
     store.save_results(session=session, job_id=job.id,
                        results=[_result(study_id, path, (None, 0.2))], worker="w1")
-    before = _view_rows(session, job.id)
-    store.save_results(session=session, job_id=job.id,
-                       results=[_result(study_id, path, (0.7, 0.8))], worker="w2")
-    after = _view_rows(session, job.id)
-    assert [r[0] for r in after] == [r[0] for r in before]  # same rows, updated in place
-    assert [(r[3], r[4]) for r in after] == [(0.7, None), (0.8, None)]
+    first = _view_rows(session, job.id)
+    assert [r[0] for r in first] == [r[0] for r in before]  # same rows, updated in place
+    assert [(r[3], r[4]) for r in first] == [(None, "cannot decode"), (0.2, None)]
+    assert store.save_results(session=session, job_id=job.id,
+                              results=[_result(study_id, path, (0.7, 0.8))], worker="w2") == 0
+    assert _view_rows(session, job.id) == first
     study = session.get(Study, study_id)
     session.refresh(study)  # type: ignore[arg-type]
-    assert study is not None and study.worker == "w2" and study.score == pytest.approx(0.75)
+    assert study is not None and study.worker == "w1" and study.score == pytest.approx(0.2)
 
 
 def test_save_results_ignores_studies_of_other_jobs(session: Session, model: Model) -> None:

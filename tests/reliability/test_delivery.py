@@ -82,7 +82,10 @@ def test_prefork_child_killed_mid_chunk_is_redelivered(tmp_path, cheap_model, en
 
     assert worker.children() and child not in worker.children()
     rows = assert_all_done_once(pg_url, job, studies=6, views=13)
-    assert all(r["attempts"] == 1 for r in rows.values())  # written once, by the redelivery
+    # The killed child's chunk was claimed twice: its lease died with the process (same
+    # host, pid gone), so the redelivery took it at once and decoded it carefully.
+    assert [rows[str(study_dir(root, i))]["attempts"] for i in range(6)] == [2, 2, 2, 1, 1, 1]
+    assert "decoded carefully" in worker.log()
     assert rows[str(study_dir(root, 1))]["views"][str(gate.path)][0] == pytest.approx(
         cheap_prob(200), abs=1e-5)
     check_scores(rows, root, range(0, 1))
@@ -90,11 +93,12 @@ def test_prefork_child_killed_mid_chunk_is_redelivered(tmp_path, cheap_model, en
     assert "WorkerLostError" in worker.log()
 
 
-def test_killed_solo_worker_chunk_returns_after_visibility_timeout(tmp_path, cheap_model, env,
-                                                                   pg_url, workers):
-    # A SIGKILLed solo worker rejects nothing: only Redis's visibility timeout brings the
-    # chunk back, so the test runs with a short one (producers and workers alike).
-    env = {**env, "BONEXRAY_VISIBILITY_TIMEOUT": "5"}
+def test_killed_solo_worker_chunk_comes_back_through_the_reaper(tmp_path, cheap_model, env,
+                                                                 pg_url, workers):
+    # A SIGKILLed solo worker rejects nothing, and its message stays unacknowledged until
+    # the visibility timeout (300 s by default). The lease runs out much sooner and the
+    # other worker's reaper sends the studies again.
+    env = {**env, "BONEXRAY_LEASE_SECONDS": "3", "BONEXRAY_REAPER_INTERVAL": "1"}
     root = make_tree(tmp_path / "data", studies=4)
     gate = Gate(study_dir(root, 0) / "gate.png")
     first = workers(env, tmp_path / "first.log", pool="solo")
@@ -106,33 +110,47 @@ def test_killed_solo_worker_chunk_returns_after_visibility_timeout(tmp_path, che
     assert progress(pg_url, job)["queued"] == 4
 
     second = workers(env, tmp_path / "second.log", pool="solo")
-    gate.release(png_bytes(200))  # blocks until the returned chunk reaches the second worker
-    wait_finished(pg_url, job)
+    gate.release(png_bytes(200))  # blocks until the studies reach the second worker
+    wait_finished(pg_url, job, timeout=90)
     rows = assert_all_done_once(pg_url, job, studies=4, views=9)
-    assert all(r["attempts"] == 1 for r in rows.values())
+    assert [rows[str(study_dir(root, i))]["attempts"] for i in range(4)] == [2, 2, 2, 1]
     check_scores(rows, root, range(1, 4))
-    assert "bonexray.classify_chunk" in second.log()
+    assert "reaper: sent again 3 unfinished studies" in second.log()
 
 
-def test_duplicate_delivery_and_requeue_change_nothing(tmp_path, cheap_model, env, pg_url,
-                                                       workers):
+def test_duplicates_change_nothing_and_requeue_leaves_waiting_chunks(
+        tmp_path, cheap_model, env, pg_url, workers):
+    from bonexray.db.ledger import database_id
+    from bonexray.db.session import open_database
+    from bonexray.jobs import send_chunks
+    from bonexray.settings import load_settings
+    from bonexray.worker.app import create_app
+
     root = make_tree(tmp_path / "data", studies=5)
-    job = enqueue(root, cheap_model, env)["job"]  # no worker yet: all 5 studies queued
-    # requeue re-sends every study without a result: each chunk is now queued twice.
+    job = enqueue(root, cheap_model, env)["job"]  # no worker yet: 2 chunks wait in Redis
+    # requeue sends nothing that still waits in the queue.
     again = json.loads(bonexray("requeue", str(job), "--json", env=env).stdout)
-    assert again == {"job": job, "studies": 5, "chunks": 2, "missing": 0}
+    assert again == {"job": job, "studies": 0, "chunks": 0, "leased": 0, "waiting": 5}
+    # A duplicate of every chunk (a redelivery, a message published twice) is harmless.
+    settings = load_settings({**os.environ, **env})
+    ids = sorted(r["id"] for r in study_rows(pg_url, job).values())
+    send_chunks(app=create_app(settings), settings=settings,
+                database=database_id(open_database(pg_url)),
+                chunks=[(job, ids[:3]), (job, ids[3:])])
     worker = workers(env, tmp_path / "worker.log")
-    wait_until(lambda: sum(r["attempts"] for r in study_rows(pg_url, job).values()) == 10,
-               120, "both deliveries of every chunk")
+    wait_finished(pg_url, job)
+    wait_until(lambda: worker.log().count("bonexray.classify_chunk") >= 8, 60,
+               "all four messages to be received and handled")
     rows = assert_all_done_once(pg_url, job, studies=5, views=10)
-    assert all(r["attempts"] == 2 for r in rows.values())
+    assert all(r["attempts"] == 1 for r in rows.values())  # classified once each
     check_scores(rows, root, range(5))
     # A finished job has nothing to requeue; requeue is safe to repeat.
     assert json.loads(bonexray("requeue", str(job), "--json", env=env).stdout)["studies"] == 0
     assert worker.proc.poll() is None
 
 
-def test_requeue_fails_vanished_study_folders(tmp_path, cheap_model, env, pg_url, workers):
+def test_requeue_after_a_lost_queue_and_a_vanished_folder(tmp_path, cheap_model, env, pg_url,
+                                                          workers):
     root = make_tree(tmp_path / "data", studies=3)
     job = enqueue(root, cheap_model, env)["job"]
     # Redis lost the queue (no persistence) and a study folder was removed meanwhile.
@@ -141,12 +159,12 @@ def test_requeue_fails_vanished_study_folders(tmp_path, cheap_model, env, pg_url
     redis.Redis.from_url(env["BONEXRAY_BROKER_URL"]).delete(env["BONEXRAY_QUEUE"])
     shutil.rmtree(study_dir(root, 2))
     again = json.loads(bonexray("requeue", str(job), "--json", env=env).stdout)
-    assert again == {"job": job, "studies": 2, "chunks": 1, "missing": 1}
+    assert again == {"job": job, "studies": 3, "chunks": 1, "leased": 0, "waiting": 0}
     workers(env, tmp_path / "worker.log")
     p = wait_finished(pg_url, job)
     assert (p["done"], p["failed"], p["queued"]) == (2, 1, 0)
     missing = study_rows(pg_url, job)[str(study_dir(root, 2))]
-    assert missing["status"] == "failed" and "not found" in missing["error"]
+    assert missing["status"] == "failed" and "file not found" in missing["error"]
     status = bonexray("status", str(job), env=env, check=False)
     assert status.returncode == 1 and "1 failed" in status.stdout
 

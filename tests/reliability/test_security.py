@@ -114,7 +114,8 @@ def test_worker_refuses_pickles_and_changed_models_and_logs_no_secrets(
     p = wait_finished(pg_url, job)
     assert p["failed"] == 1
     (row,) = study_rows(pg_url, job).values()
-    assert "sha256 mismatch" in row["error"] and row["views"] == {}
+    assert "sha256 mismatch" in row["error"]
+    assert len(row["views"]) == 2 and set(row["views"].values()) == {(None, None)}  # unread
 
     wait_until(lambda: "pickle" in worker.log(), 30, "the pickled message to be refused")
     assert not marker.exists()

@@ -77,7 +77,7 @@ def test_results_are_written_while_the_next_batch_runs(job, pg_engine, monkeypat
     monkeypatch.setattr(process, "classify_studies", instrumented)
     settings = Settings(database_url="unused://", batch_size=1, decode_threads=1)
     summary = process.process_chunk(engine=pg_engine, job_id=job.job_id,
-                                    model_id=job.model_id, tasks=job.tasks,
+                                    study_ids=job.study_ids,
                                     settings=settings)
     assert summary.done == 6
     assert seen_during_calls == [0, 1, 2, 3, 4, 5]
@@ -102,11 +102,10 @@ def test_a_failed_write_fails_the_chunk_for_a_retry(job, pg_engine, monkeypatch)
     monkeypatch.setattr(process.store, "save_results", flaky)
     settings = Settings(database_url="unused://", batch_size=2, decode_threads=1)
     with pytest.raises(OperationalError, match="connection reset"):
-        process.process_chunk(engine=pg_engine, job_id=job.job_id, model_id=job.model_id,
-                              tasks=job.tasks, settings=settings)
+        process.process_chunk(engine=pg_engine, job_id=job.job_id, study_ids=job.study_ids, settings=settings)
     # The retry (Celery's, here by hand) writes everything; the upserts make it safe.
     summary = process.process_chunk(engine=pg_engine, job_id=job.job_id,
-                                    model_id=job.model_id, tasks=job.tasks, settings=settings)
+                                    study_ids=job.study_ids, settings=settings)
     assert summary.done == 6 and written(pg_engine, job.job_id) == 6
 
 
@@ -137,8 +136,7 @@ def test_inference_stops_at_the_first_failed_write(job, pg_engine, monkeypatch):
     monkeypatch.setattr(process, "classify_studies", counting)
     settings = Settings(database_url="unused://", batch_size=1, decode_threads=1)
     with pytest.raises(OperationalError, match="server closed"):
-        process.process_chunk(engine=pg_engine, job_id=job.job_id, model_id=job.model_id,
-                              tasks=job.tasks, settings=settings)
+        process.process_chunk(engine=pg_engine, job_id=job.job_id, study_ids=job.study_ids, settings=settings)
     assert batches["n"] == 2  # the chunk gave up at the next hand-over, not after 6 batches
     assert written(pg_engine, job.job_id) == 0
 
@@ -149,6 +147,104 @@ def test_in_memory_sqlite_is_written_in_the_callers_thread(tmp_path):
     model = resolve_model(engine=engine, ref=write_cheap_model(tmp_path / "c.onnx",
                                                                image_size=16))
     job = prepare_job(engine=engine, root=str(root), model=model, mode="embedded")
-    summary = process.process_chunk(engine=engine, job_id=job.job_id, model_id=job.model_id,
-                                    tasks=job.tasks, settings=Settings(batch_size=2))
+    summary = process.process_chunk(engine=engine, job_id=job.job_id, study_ids=job.study_ids, settings=Settings(batch_size=2))
     assert summary.done == 3 and written(engine, job.job_id) == 3
+
+
+def test_run_chunk_rides_out_database_errors_for_as_long_as_they_last(job, pg_engine,
+                                                                       fresh_pg_url,
+                                                                       monkeypatch):
+    real = process.process_chunk
+    failures = {"left": 5}
+
+    def flaky(**kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OperationalError("SELECT 1", {}, Exception("could not connect to server"))
+        return real(**kwargs)
+
+    slept: list[float] = []
+    monkeypatch.setattr(process, "process_chunk", flaky)
+    summary = process.run_chunk(database_url=fresh_pg_url, job_id=job.job_id,
+                                study_ids=job.study_ids, settings=Settings(),
+                                sleep=slept.append)
+    assert summary.done == 6 and len(slept) == 5
+    assert all(0 < d <= 30 for d in slept) and slept[-1] > slept[0] / 2  # backing off
+    assert written(pg_engine, job.job_id) == 6
+
+
+def test_a_bug_fails_what_the_chunk_holds_with_the_reason(job, pg_engine, fresh_pg_url,
+                                                          monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(process, "classify_studies", broken)
+    with pytest.raises(KeyError):
+        process.run_chunk(database_url=fresh_pg_url, job_id=job.job_id,
+                          study_ids=job.study_ids, settings=Settings(), worker="w:1")
+    with session_scope(pg_engine) as session:
+        rows = session.execute(select(Study.status, Study.error, Study.claimed_by)
+                               .where(Study.job_id == job.job_id)).all()
+    assert {(r.status, r.claimed_by) for r in rows} == {("failed", None)}
+    assert all("worker error: KeyError" in r.error for r in rows)
+
+
+def test_a_missing_model_file_makes_the_worker_sick_not_the_studies(tmp_path, pg_engine):
+    root = make_studies(tmp_path / "data", studies=2)
+    model_path = write_cheap_model(tmp_path / "gone.onnx", image_size=16)
+    model = resolve_model(engine=pg_engine, ref=model_path)
+    job = prepare_job(engine=pg_engine, root=str(root), model=model, mode="celery")
+    Path(model_path).unlink()  # not mounted on this node
+    process._classifiers.clear()
+    with pytest.raises(process.WorkerSickError, match="cannot load model"):
+        process.process_chunk(engine=pg_engine, job_id=job.job_id, study_ids=job.study_ids,
+                              settings=Settings(), worker="w:1")
+    with session_scope(pg_engine) as session:
+        rows = session.execute(select(Study.status, Study.claimed_by, Study.attempts)
+                               .where(Study.job_id == job.job_id)).all()
+    assert {tuple(r) for r in rows} == {("queued", None, 0)}  # left for a healthy worker
+
+
+def test_a_changed_model_file_fails_its_studies(tmp_path, pg_engine):
+    root = make_studies(tmp_path / "data", studies=2)
+    model_path = write_cheap_model(tmp_path / "m.onnx", image_size=16)
+    model = resolve_model(engine=pg_engine, ref=model_path)
+    job = prepare_job(engine=pg_engine, root=str(root), model=model, mode="celery")
+    write_cheap_model(model_path, image_size=16, threshold=0.2)
+    process._classifiers.clear()
+    summary = process.process_chunk(engine=pg_engine, job_id=job.job_id,
+                                    study_ids=job.study_ids, settings=Settings(), worker="w:1")
+    assert summary.failed == 2
+    with session_scope(pg_engine) as session:
+        errors = session.scalars(select(Study.error).where(Study.job_id == job.job_id)).all()
+    assert all("sha256 mismatch" in e for e in errors)
+
+
+def test_a_study_whose_worker_was_lost_is_decoded_one_view_at_a_time(job, pg_engine,
+                                                                    monkeypatch):
+    from datetime import timedelta
+
+    from bonexray.db import ledger
+    from bonexray.db.models import utcnow
+
+    first, *rest = job.study_ids
+    with session_scope(pg_engine) as session:  # an earlier holder died, long ago
+        ledger.claim_studies(session=session, job_id=job.job_id, study_ids=[first],
+                             worker="elsewhere:1", lease_seconds=30, max_crashes=3,
+                             max_attempts=8, now=utcnow() - timedelta(seconds=300))
+    marks: list[str | None] = []
+    real_mark = process.ledger.mark_decoding
+
+    def recording(*, view, **kwargs):
+        marks.append(view)
+        real_mark(view=view, **kwargs)
+
+    monkeypatch.setattr(process.ledger, "mark_decoding", recording)
+    summary = process.process_chunk(engine=pg_engine, job_id=job.job_id,
+                                    study_ids=job.study_ids, settings=Settings(), worker="w:1")
+    assert summary.done == 6
+    assert len(marks) == 2 and marks[0].endswith("v0.png") and marks[1] is None
+    with session_scope(pg_engine) as session:
+        study = session.get(Study, first)
+        assert study is not None
+        assert (study.attempts, study.decoding, study.claimed_by) == (2, None, None)

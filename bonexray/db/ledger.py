@@ -1,0 +1,232 @@
+"""The ledger of work: the database's identity, leases on studies (claim, heartbeat,
+release), the view a careful decode is reading, and what the reaper may send again."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, or_, select, update
+from sqlalchemy.orm import Session
+
+from bonexray.db.models import DatabaseIdentity, Job, Study, View, utcnow
+from bonexray.results import FAILED, QUEUED, StudyTask
+
+log = logging.getLogger(__name__)
+
+_identities: dict[str, str] = {}
+_identities_lock = threading.Lock()
+
+
+class ForeignMessageError(ValueError):
+    """A task message written for another database than this worker's."""
+
+
+def database_id(engine: Engine) -> str:
+    """The id made with this database's schema (read once per process and URL)."""
+    key = engine.url.render_as_string(hide_password=False)
+    with _identities_lock:
+        found = _identities.get(key)
+    if found is not None:
+        return found
+    with Session(engine) as session:
+        found = session.scalar(select(DatabaseIdentity.id).limit(1))
+    if found is None:  # the migration makes the row; only a hand-edited database lacks it
+        raise ForeignMessageError("this database has no identity row (database_identity)")
+    with _identities_lock:
+        _identities[key] = found
+    return found
+
+
+def crash_reason(crashes: int, view: str) -> str:
+    return (f"worker process died {crashes} times while decoding {view} (killed, e.g. out "
+            "of memory): not tried again")
+
+
+def _owner_is_dead(claimed_by: str) -> bool:
+    """True when the lease holder ran on this host and its process is gone: its studies
+    are free at once, without waiting for the lease to run out."""
+    host, _, pid = claimed_by.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker holds after claiming a chunk's studies."""
+
+    tasks: tuple[StudyTask, ...]  # claimed, by id: to classify
+    suspects: tuple[int, ...]  # claimed before and never finished: decode one view at a time
+    failed: int  # failed while claiming (claimed too often without finishing)
+    skipped: int  # finished already, held by a live worker, or not of this job
+
+
+def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], worker: str,
+                  lease_seconds: int, max_crashes: int, max_attempts: int,
+                  now: datetime | None = None) -> Claim:
+    """Lease the studies of `study_ids` that belong to the job, are unfinished, and that no
+    live worker holds; read their views from SQL.
+
+    A study is free when nobody holds it, its lease ran out, its holder's process on this
+    host is gone, or `worker` holds it already (a retry after a database error: not counted
+    again). A study whose previous holder died while decoding one of its views counts a
+    crash against that view; at `max_crashes` the view fails and the study goes on without
+    it. A study claimed `max_attempts` times fails.
+    """
+    now = now or utcnow()
+    expired = now - timedelta(seconds=lease_seconds)
+    rows = session.execute(
+        select(Study.id, Study.claimed_by, Study.heartbeat_at, Study.attempts,
+               Study.decoding, Study.crashes, Study.n_views, Study.path)
+        .where(Study.id.in_(sorted(set(study_ids))), Study.job_id == job_id,
+               Study.status == QUEUED)
+        .order_by(Study.id)
+        # Another worker claiming the same studies (a duplicate message) skips them.
+        .with_for_update(skip_locked=True)
+    ).all()
+    claimed: list[tuple[int, str, bool]] = []  # (id, path, suspect)
+    crashed_views: dict[int, tuple[str, str]] = {}
+    failed: dict[int, str] = {}
+    for row in rows:
+        mine = row.claimed_by == worker
+        free = (row.claimed_by is None or mine or row.heartbeat_at is None
+                or row.heartbeat_at < expired or _owner_is_dead(row.claimed_by))
+        if not free:
+            continue
+        attempts = row.attempts + (0 if mine else 1)
+        crashes = row.crashes
+        values: dict[str, object] = {"claimed_by": worker, "heartbeat_at": now,
+                                     "attempts": attempts}
+        if row.decoding is not None and not mine:
+            crashes += 1
+            values["crashes"] = crashes
+            if crashes >= max_crashes:
+                crashed_views[row.id] = (row.decoding, crash_reason(crashes, row.decoding))
+                values["decoding"] = None
+                values["crashes"] = 0
+                log.error("study %d: a view killed its worker %d times; it fails, the rest "
+                          "of the study goes on", row.id, crashes)
+        if attempts > max_attempts:
+            failed[row.id] = (f"claimed {attempts - 1} times without finishing: every worker "
+                              "holding it was lost")
+            continue
+        session.execute(update(Study).where(Study.id == row.id).values(**values))
+        claimed.append((row.id, row.path, attempts > 1))
+    for study_id, error in failed.items():
+        session.execute(
+            update(Study).where(Study.id == study_id, Study.status == QUEUED)
+            .values(status=FAILED, error=error, worker=worker, finished_at=now,
+                    claimed_by=None, heartbeat_at=None, decoding=None))
+    for study_id, (view, reason) in crashed_views.items():
+        session.execute(update(View).where(View.study_id == study_id, View.path == view)
+                        .values(prob=None, error=reason))
+    tasks = _tasks_from_views(session, claimed)
+    return Claim(tasks=tasks, suspects=tuple(sid for sid, _, suspect in claimed if suspect),
+                 failed=len(failed), skipped=len(set(study_ids)) - len(claimed) - len(failed))
+
+
+def _tasks_from_views(session: Session,
+                      claimed: list[tuple[int, str, bool]]) -> tuple[StudyTask, ...]:
+    if not claimed:
+        return ()
+    pending: dict[int, list[str]] = {}
+    failed: dict[int, list[tuple[str, str]]] = {}
+    for study_id, path, error in session.execute(
+        select(View.study_id, View.path, View.error)
+        .where(View.study_id.in_([sid for sid, _, _ in claimed]))
+        .order_by(View.study_id, View.id)
+    ):
+        if error is None:
+            pending.setdefault(study_id, []).append(path)
+        else:
+            failed.setdefault(study_id, []).append((path, error))
+    return tuple(StudyTask(id=sid, path=path, views=tuple(pending.get(sid, ())),
+                           failed=tuple(failed.get(sid, ())))
+                 for sid, path, _ in claimed)
+
+
+def heartbeat(*, session: Session, study_ids: Sequence[int], worker: str) -> int:
+    """Renew `worker`'s leases on the unfinished studies among `study_ids`."""
+    result = session.execute(
+        update(Study)
+        .where(Study.id.in_(sorted(study_ids)), Study.claimed_by == worker,
+               Study.status == QUEUED)
+        .values(heartbeat_at=utcnow())
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def release(*, session: Session, study_ids: Sequence[int], worker: str) -> None:
+    """Give up `worker`'s leases (a sick worker): the claim does not count as an attempt."""
+    if not study_ids:
+        return
+    session.execute(
+        update(Study)
+        .where(Study.id.in_(sorted(study_ids)), Study.claimed_by == worker,
+               Study.status == QUEUED)
+        .values(claimed_by=None, heartbeat_at=None, decoding=None,
+                attempts=Study.attempts - 1)
+    )
+
+
+def mark_decoding(*, session: Session, study_id: int, worker: str, view: str | None) -> None:
+    """Record the view a careful decode is about to read (None: done decoding)."""
+    session.execute(
+        update(Study).where(Study.id == study_id, Study.claimed_by == worker)
+        .values(decoding=view, heartbeat_at=utcnow())
+    )
+
+
+def unfinished_unleased(*, session: Session, lease_seconds: int, sent_before: datetime | None,
+                        job_id: int | None = None, limit: int = 10_000,
+                        now: datetime | None = None) -> list[tuple[int, int]]:
+    """(job id, study id) of unfinished studies of broker jobs that no live lease holds and
+    whose last message (if any) is older than `sent_before`; locked for this transaction,
+    skipping rows another reaper holds."""
+    now = now or utcnow()
+    expired = now - timedelta(seconds=lease_seconds)
+    conditions = [Study.status == QUEUED, Job.mode == "celery",
+                  or_(Study.heartbeat_at.is_(None), Study.heartbeat_at < expired)]
+    if sent_before is not None:
+        conditions.append(or_(Study.sent_at.is_(None), Study.sent_at < sent_before))
+    if job_id is not None:
+        conditions.append(Study.job_id == job_id)
+    rows = session.execute(
+        select(Study.job_id, Study.id)
+        .join(Job, Job.id == Study.job_id)
+        .where(*conditions)
+        .order_by(Study.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=Study)
+    ).all()
+    return [(row.job_id, row.id) for row in rows]
+
+
+def mark_sent(*, session: Session, study_ids: Sequence[int], now: datetime | None = None) -> None:
+    if study_ids:
+        session.execute(update(Study).where(Study.id.in_(sorted(study_ids)))
+                        .values(sent_at=now or utcnow()))
+
+
+def count_leased(*, session: Session, job_id: int, lease_seconds: int,
+                 now: datetime | None = None) -> int:
+    """The job's unfinished studies that a live lease holds (in flight)."""
+    from sqlalchemy import func
+
+    expired = (now or utcnow()) - timedelta(seconds=lease_seconds)
+    return int(session.scalar(
+        select(func.count()).select_from(Study)
+        .where(Study.job_id == job_id, Study.status == QUEUED, Study.heartbeat_at >= expired)
+    ) or 0)
