@@ -305,3 +305,21 @@ def test_view_files(name: str) -> None:
                                   "a.png.txt", "README", ".png"])
 def test_not_view_files(name: str) -> None:
     assert not is_view_file(name)
+
+
+def test_sixteen_bit_decode_within_a_memory_budget(tmp_path):
+    from bonexray.imaging import decode_bytes_needed, decode_gray
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(300, 3800, size=(600, 500), dtype=np.uint16)
+    path = tmp_path / "big16.png"
+    Image.fromarray(data).save(path)  # mode I;16
+    pixels = decode_gray(path)
+    reference = np.round((data.astype(np.float64) - 300.0 - (data.min() - 300))
+                         * (255.0 / (int(data.max()) - int(data.min())))).astype(np.uint8)
+    assert np.array_equal(pixels, reference)
+    needed = decode_bytes_needed(500, 600, "I;16")
+    assert needed == 500 * 600 * 5
+    with pytest.raises(ImageError, match="too large to decode.*BONEXRAY_DECODE_BUDGET_BYTES"):
+        decode_gray(path, budget_bytes=needed - 1)
+    assert decode_gray(path, budget_bytes=needed).shape == (600, 500)

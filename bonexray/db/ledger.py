@@ -68,7 +68,9 @@ class Claim:
     """What a worker holds after claiming a chunk's studies."""
 
     tasks: tuple[StudyTask, ...]  # claimed, by id: to classify
-    suspects: tuple[int, ...]  # claimed before and never finished: decode one view at a time
+    # Claimed before and never finished: to decode one view at a time, those without a
+    # crash against them first (a chunk-mate of a poisonous study finishes before it).
+    suspects: tuple[int, ...]
     failed: int  # failed while claiming (claimed too often without finishing)
     skipped: int  # finished already, held by a live worker, or not of this job
 
@@ -97,6 +99,7 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
         .with_for_update(skip_locked=True)
     ).all()
     claimed: list[tuple[int, str, bool]] = []  # (id, path, suspect)
+    crash_counts: dict[int, int] = {}
     crashed_views: dict[int, tuple[str, str]] = {}
     failed: dict[int, str] = {}
     for row in rows:
@@ -124,6 +127,7 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
             continue
         session.execute(update(Study).where(Study.id == row.id).values(**values))
         claimed.append((row.id, row.path, attempts > 1))
+        crash_counts[row.id] = 0 if row.id in crashed_views else crashes
     for study_id, error in failed.items():
         session.execute(
             update(Study).where(Study.id == study_id, Study.status == QUEUED)
@@ -133,7 +137,9 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
         session.execute(update(View).where(View.study_id == study_id, View.path == view)
                         .values(prob=None, error=reason))
     tasks = _tasks_from_views(session, claimed)
-    return Claim(tasks=tasks, suspects=tuple(sid for sid, _, suspect in claimed if suspect),
+    suspects = sorted((sid for sid, _, suspect in claimed if suspect),
+                      key=lambda sid: (crash_counts[sid], sid))
+    return Claim(tasks=tasks, suspects=tuple(suspects),
                  failed=len(failed), skipped=len(set(study_ids)) - len(claimed) - len(failed))
 
 

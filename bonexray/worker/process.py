@@ -253,9 +253,9 @@ def process_chunk(*, engine: Engine, job_id: int, study_ids: Sequence[int], sett
             with session_scope(engine) as session:
                 store.finish_job_if_done(session=session, job_id=job_id)
         return ChunkSummary(0, 0, claim.failed, 0, 0, classifier.provider, claim.skipped)
-    suspects = set(claim.suspects)
-    plain = [t for t in tasks if t.id not in suspects]
-    careful = [t for t in tasks if t.id in suspects]
+    by_id = {t.id: t for t in tasks}
+    plain = [t for t in tasks if t.id not in set(claim.suspects)]
+    careful = [by_id[sid] for sid in claim.suspects]
     try:
         with Heartbeat(engine=engine, study_ids=[t.id for t in tasks], worker=worker,
                        lease_seconds=settings.lease_seconds):

@@ -221,3 +221,31 @@ def test_database_identity_is_made_with_the_schema(session: Session) -> None:
     engine = session.get_bind()
     found = ledger.database_id(engine.engine if hasattr(engine, "engine") else engine)
     assert len(found) == 36 and found.count("-") == 4
+
+
+def test_finishing_a_job_does_not_wait_for_timings_being_written(pg_url: str) -> None:
+    # Inserting batch timings takes a key-share lock on the job row (the foreign key); the
+    # finish check locks that row too. FOR UPDATE there deadlocked two workers finishing
+    # chunks together; FOR NO KEY UPDATE does not conflict with the key-share lock.
+    from sqlalchemy import insert, text
+
+    from bonexray.db.session import open_database
+
+    engine = open_database(pg_url)
+    with Session(engine) as session:
+        model = store.register_model(session=session, path="/m/lock.onnx",
+                                     sha256="c" * 63 + "d", meta={})
+        job = _job(session, model, 1)
+        store.mark_failed(session=session, study_ids=_ids(session, job), error="x", worker="w")
+        session.commit()
+        job_id = job.id
+    with engine.connect() as writer:
+        writer.execute(insert(BatchStatRow).values(
+            job_id=job_id, worker="w", provider="CPU", n_views=1, decode_ms=0.0,
+            infer_ms=0.0, write_ms=0.0, created_at=utcnow()))  # holds the key-share lock
+        with engine.connect() as finisher:
+            finisher.execute(text("SET lock_timeout = '500ms'"))
+            with Session(bind=finisher) as session:
+                assert store.finish_job_if_done(session=session, job_id=job_id)
+                session.rollback()
+        writer.rollback()

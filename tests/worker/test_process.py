@@ -102,7 +102,8 @@ def test_a_failed_write_fails_the_chunk_for_a_retry(job, pg_engine, monkeypatch)
     monkeypatch.setattr(process.store, "save_results", flaky)
     settings = Settings(database_url="unused://", batch_size=2, decode_threads=1)
     with pytest.raises(OperationalError, match="connection reset"):
-        process.process_chunk(engine=pg_engine, job_id=job.job_id, study_ids=job.study_ids, settings=settings)
+        process.process_chunk(engine=pg_engine, job_id=job.job_id, study_ids=job.study_ids,
+                              settings=settings)
     # The retry (Celery's, here by hand) writes everything; the upserts make it safe.
     summary = process.process_chunk(engine=pg_engine, job_id=job.job_id,
                                     study_ids=job.study_ids, settings=settings)
@@ -136,7 +137,8 @@ def test_inference_stops_at_the_first_failed_write(job, pg_engine, monkeypatch):
     monkeypatch.setattr(process, "classify_studies", counting)
     settings = Settings(database_url="unused://", batch_size=1, decode_threads=1)
     with pytest.raises(OperationalError, match="server closed"):
-        process.process_chunk(engine=pg_engine, job_id=job.job_id, study_ids=job.study_ids, settings=settings)
+        process.process_chunk(engine=pg_engine, job_id=job.job_id, study_ids=job.study_ids,
+                              settings=settings)
     assert batches["n"] == 2  # the chunk gave up at the next hand-over, not after 6 batches
     assert written(pg_engine, job.job_id) == 0
 
@@ -147,7 +149,8 @@ def test_in_memory_sqlite_is_written_in_the_callers_thread(tmp_path):
     model = resolve_model(engine=engine, ref=write_cheap_model(tmp_path / "c.onnx",
                                                                image_size=16))
     job = prepare_job(engine=engine, root=str(root), model=model, mode="embedded")
-    summary = process.process_chunk(engine=engine, job_id=job.job_id, study_ids=job.study_ids, settings=Settings(batch_size=2))
+    summary = process.process_chunk(engine=engine, job_id=job.job_id, study_ids=job.study_ids,
+                                    settings=Settings(batch_size=2))
     assert summary.done == 3 and written(engine, job.job_id) == 3
 
 

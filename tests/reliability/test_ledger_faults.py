@@ -1,0 +1,170 @@
+"""Faults that once stalled studies in silence, each ending scored or explained without a
+human command: a view that kills its process, a worker without the model, a broker that
+lost its queue, a message for another database, names that are not UTF-8, a job nobody
+works on. Real workers, Redis and Postgres."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from tests.reliability.conftest import (
+    Gate,
+    RedisServer,
+    bonexray,
+    enqueue,
+    png_bytes,
+    progress,
+    study_rows,
+    wait_finished,
+    wait_until,
+    write_study,
+)
+
+FAST = {"BONEXRAY_LEASE_SECONDS": "3", "BONEXRAY_REAPER_INTERVAL": "1"}
+
+
+def study_dir(root: Path, i: int) -> Path:
+    return root / f"XR_ELBOW/patient{i:05d}/study1_negative"
+
+
+def make_tree(root: Path, studies: int) -> Path:
+    for i in range(studies):
+        write_study(study_dir(root, i), 2, value=40 + 15 * i)
+    return root
+
+
+def test_a_view_that_kills_its_process_fails_alone(tmp_path, cheap_model, env, pg_url,
+                                                   workers):
+    root = make_tree(tmp_path / "data", studies=3)  # one chunk of three studies
+    gate = Gate(study_dir(root, 1) / "image3.png")
+    worker = workers(env, tmp_path / "worker.log", pool="prefork", concurrency=1)
+    worker.wait_ready()
+    job = enqueue(root, cheap_model, env)["job"]
+    kills = 0
+    # Each time a pool process reads the view it is killed, as the kernel's OOM killer
+    # would. The first death is in the batched decode; then the chunk's studies are
+    # decoded one view at a time, and three deaths on that view fail it.
+    while True:
+        fd = wait_until(lambda: gate._open_writer() or (progress(pg_url, job)["finished"]
+                                                         and -1), 90,
+                        "the next read of the view, or the job's end")
+        if fd == -1:
+            break
+        (child,) = worker.children()
+        os.kill(child, signal.SIGKILL)
+        os.close(fd)
+        kills += 1
+        wait_until(lambda c=child: c not in worker.children(), 30, "the child to be reaped")
+        assert kills <= 5, worker.log()[-3000:]
+    assert kills == 4
+    rows = study_rows(pg_url, job)
+    poisoned = rows[str(study_dir(root, 1))]
+    assert poisoned["status"] == "done"  # scored from its two other views
+    prob, error = poisoned["views"][str(gate.path)]
+    assert prob is None and "died 3 times while decoding" in error and str(gate.path) in error
+    for i in (0, 2):  # the chunk-mates are scored, whole
+        row = rows[str(study_dir(root, i))]
+        assert row["status"] == "done"
+        assert all(p is not None for p, _ in row["views"].values())
+    results = json.loads(bonexray("results", str(job), "--format", "json", env=env).stdout)
+    assert {r["study"]: r["partial"] for r in results} == {
+        str(study_dir(root, 0)): False, str(study_dir(root, 1)): True,
+        str(study_dir(root, 2)): False}
+    assert worker.proc.poll() is None
+
+
+def test_a_worker_without_the_model_stops_and_leaves_the_work(tmp_path, cheap_model, env,
+                                                              pg_url, workers):
+    # The model is registered from a file that is then moved into a store that only the
+    # healthy worker mounts.
+    model = tmp_path / "model.onnx"
+    shutil.copy(cheap_model, model)
+    root = make_tree(tmp_path / "data", studies=6)
+    job = enqueue(root, model, env)["job"]
+    from bonexray.worker.inference import sha256_file
+
+    store = tmp_path / "store"
+    store.mkdir()
+    sha = sha256_file(model)
+    shutil.move(model, store / f"{sha}.onnx")
+    sick = workers(env, tmp_path / "sick.log", pool="prefork", concurrency=1)
+    assert sick.proc.wait(timeout=90) == 75  # EX_TEMPFAIL: it stopped by itself
+    assert "cannot classify" in sick.log() and "cannot read model" in sick.log()
+    assert progress(pg_url, job)["failed"] == 0
+    healthy = workers({**env, "BONEXRAY_MODEL_STORE": str(store)}, tmp_path / "healthy.log")
+    p = wait_finished(pg_url, job)
+    assert (p["done"], p["failed"]) == (6, 0)
+    assert all(r["attempts"] == 1 for r in study_rows(pg_url, job).values())
+    assert healthy.proc.poll() is None
+
+
+def test_a_lost_queue_heals_without_requeue(tmp_path, cheap_model, env, pg_url, workers):
+    server = RedisServer(tmp_path / "redis", persistent=False)
+    server.start()
+    try:
+        env = {**env, **FAST, "BONEXRAY_BROKER_URL": server.url}
+        root = make_tree(tmp_path / "data", studies=6)
+        gate = Gate(study_dir(root, 0) / "gate.png")
+        worker = workers(env, tmp_path / "worker.log")
+        worker.wait_ready()
+        job = enqueue(root, cheap_model, env)["job"]
+        fd = gate.wait_reader()  # chunk 1 running, chunk 2 waiting in Redis
+        server.stop()
+        server.start()  # empty: the waiting chunk is gone
+        assert server.queue_length(env["BONEXRAY_QUEUE"]) == 0
+        gate.release(png_bytes(180), settle=True, fd=fd)
+        p = wait_finished(pg_url, job, timeout=90)  # nobody typed requeue
+        assert (p["done"], p["failed"]) == (6, 0)
+        assert "reaper: sent again 3 unfinished studies" in worker.log()
+        assert worker.proc.poll() is None
+    finally:
+        server.stop()
+
+
+def test_a_message_for_another_database_is_refused_and_its_job_stalls(
+        tmp_path, cheap_model, env, pg_url, workers):
+    root = make_tree(tmp_path / "data", studies=2)
+    pg_job = enqueue(root, cheap_model, env)["job"]  # a job in the workers' database
+    worker = workers(env, tmp_path / "worker.log")
+    wait_finished(pg_url, pg_job)
+    before = study_rows(pg_url, pg_job)
+    # The producer's terminal lacks the URL: it writes to SQLite, the worker uses Postgres.
+    sqlite = f"sqlite:///{tmp_path / 'other.db'}"
+    other = enqueue(root, cheap_model, {**env, "BONEXRAY_DATABASE_URL": sqlite})["job"]
+    wait_until(lambda: "REFUSED" in worker.log(), 30, "the worker to refuse the message")
+    assert "different BONEXRAY_DATABASE_URL" in worker.log()
+    assert study_rows(pg_url, pg_job) == before  # nothing written into the wrong job
+    out = bonexray("status", str(other), "--db", sqlite, "--stall-after", "1", "--wait",
+                   env=env, check=False)
+    assert out.returncode == 4 and "stalled" in out.stdout, out
+    assert worker.proc.poll() is None
+
+
+def test_status_wait_ends_on_a_stall(tmp_path, cheap_model, env):
+    root = make_tree(tmp_path / "data", studies=2)
+    job = enqueue(root, cheap_model, env)["job"]  # and no worker, ever
+    out = bonexray("status", str(job), "--wait", "--stall-after", "2", "--interval", "0.2",
+                   env=env, check=False)
+    assert out.returncode == 4
+    assert "stalled; 0 done" in out.stdout and "no worker holds any" in out.stderr
+    running = bonexray("status", str(job), "--json", env=env, check=False)
+    assert running.returncode == 0 and json.loads(running.stdout)["state"] == "running"
+
+
+def test_file_names_that_are_not_utf8_fail_their_own_view(tmp_path, cheap_model, env):
+    study = write_study(tmp_path / "data" / "XR_HAND" / "patient1" / "study1_negative", 1)
+    (Path(os.fsdecode(bytes(study) + b"/caf\xe9.png"))).write_bytes(png_bytes(90))
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    out = bonexray("run", str(tmp_path / "data"), "--model", str(cheap_model), "--db", db,
+                   "--json", env=env)
+    job = json.loads(out.stdout)["job"]
+    (row,) = json.loads(bonexray("results", str(job), "--db", db, "--format", "json",
+                                 env=env).stdout)
+    assert row["status"] == "done" and row["partial"] is True
+    errors = {v["path"]: v["error"] for v in row["views"]}
+    assert errors[f"{study}/image1.png"] is None
+    assert "not valid UTF-8" in errors[f"{study}/caf\\xe9.png"]
