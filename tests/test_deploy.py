@@ -90,6 +90,17 @@ def test_services_and_their_contracts(compose):
     assert services["trainer"]["build"]["target"] == "trainer"
     assert services["migrate"]["build"]["target"] == "worker"
     assert "FLOWER_BASIC_AUTH" in services["flower"]["environment"]
+    # Flower's /metrics has no auth: loopback only, whatever PUBLISH_ADDR is.
+    assert all(str(p).startswith("127.0.0.1:") for p in services["flower"]["ports"])
+    # Redis asks for a password, and every client of it has one.
+    redis_cmd = services["redis"]["command"]
+    password = redis_cmd[redis_cmd.index("--requirepass") + 1]
+    assert password and services["redis"]["environment"]["REDISCLI_AUTH"] == password
+    assert services["flower"]["environment"]["CELERY_BROKER_URL"].startswith(
+        f"redis://:{password}@")
+    # Workers read views only under the archive they mount.
+    data_dir = worker["volumes"][0].split(":")[1]
+    assert worker["environment"]["BONEXRAY_DATA_ROOTS"] == data_dir
 
 
 def test_environment_names_match_the_settings(compose):
@@ -101,7 +112,8 @@ def test_environment_names_match_the_settings(compose):
     env = compose["services"]["worker"]["environment"]
     assert env["BONEXRAY_DATABASE_URL"].startswith("postgresql+psycopg://")
     assert "@postgres:5432/" in env["BONEXRAY_DATABASE_URL"]
-    assert env["BONEXRAY_BROKER_URL"] == "redis://redis:6379/0"
+    password = compose["services"]["redis"]["command"][-1]
+    assert env["BONEXRAY_BROKER_URL"] == f"redis://:{password}@redis:6379/0"
     assert env["BONEXRAY_MODEL_STORE"] == compose["services"]["worker"]["volumes"][1].split(":")[1]
 
 
