@@ -225,7 +225,8 @@ def process_chunk(*, engine: Engine, job_id: int, study_ids: Sequence[int], sett
     come from SQL. Studies claimed before without finishing (their worker was lost) are
     decoded one view at a time, each view recorded first, so that a view that kills its
     process is found and failed after `max_crashes`. A model that fails its sha256 check
-    fails the studies; a model that cannot be loaded here raises WorkerSickError, leaving
+    fails the studies and is raised; a model that cannot be loaded here raises
+    WorkerSickError, leaving
     the studies to others. Database errors propagate: the caller retries (run_chunk).
     """
     worker = worker or worker_name()
@@ -238,7 +239,7 @@ def process_chunk(*, engine: Engine, job_id: int, study_ids: Sequence[int], sett
                               worker=worker)
             store.finish_job_if_done(session=session, job_id=job_id)
         log.error("job %d: %s", job_id, exc)
-        return ChunkSummary(len(study_ids), 0, len(study_ids), 0, 0, "")
+        raise
     except Exception as exc:
         raise WorkerSickError(f"cannot load model {model.name} (sha256 {model.sha256[:12]}…) "
                               f"on this worker: {one_line(exc)}") from exc
@@ -426,7 +427,8 @@ def run_chunk(*, database_url: str, job_id: int, study_ids: Sequence[int], setti
                 log.info("job %d: database back after %.0f s; chunk done", job_id,
                          time.monotonic() - outage_since)
             return summary
-        except (WorkerSickError, UnknownJobError, ledger.ForeignMessageError):
+        except (WorkerSickError, UnknownJobError, ledger.ForeignMessageError,
+                ModelMismatchError):
             raise
         except Exception as exc:
             if not is_transient(exc):

@@ -15,6 +15,7 @@ from bonexray.db.session import open_database
 from bonexray.jobs import ChunkMessage
 from bonexray.settings import get_settings
 from bonexray.worker.app import TASK_CLASSIFY, app
+from bonexray.worker.inference import ModelMismatchError
 from bonexray.worker.process import (
     UnknownJobError,
     WorkerSickError,
@@ -50,6 +51,10 @@ def classify_chunk(self: Task, payload: Any) -> dict[str, Any]:
         log.error("job %d: REFUSED a chunk of %d studies: %s", message.job,
                   len(message.studies), exc)
         return {"job": message.job, "refused": str(exc)}
+    except ModelMismatchError as exc:
+        # The model itself is bad (not the file registered): its studies were failed with
+        # the reason; every worker would say the same.
+        return {"job": message.job, "failed": len(message.studies), "error": str(exc)}
     except WorkerSickError as exc:
         release_claimed(engine=open_database(settings.database_url),
                         study_ids=message.studies, worker=worker)

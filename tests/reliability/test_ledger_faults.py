@@ -168,3 +168,61 @@ def test_file_names_that_are_not_utf8_fail_their_own_view(tmp_path, cheap_model,
     errors = {v["path"]: v["error"] for v in row["views"]}
     assert errors[f"{study}/image1.png"] is None
     assert "not valid UTF-8" in errors[f"{study}/caf\\xe9.png"]
+
+
+def test_hand_written_messages_change_nothing(tmp_path, cheap_model, env, pg_url, workers):
+    from bonexray.db.ledger import database_id
+    from bonexray.db.session import open_database
+    from bonexray.settings import load_settings
+    from bonexray.worker.app import create_app
+
+    first = make_tree(tmp_path / "a", studies=2)
+    other = make_tree(tmp_path / "b", studies=2)
+    worker = workers(env, tmp_path / "worker.log")
+    job_a = enqueue(first, cheap_model, env)["job"]
+    wait_finished(pg_url, job_a)
+    job_b = enqueue(other, cheap_model, {**env, "BONEXRAY_QUEUE": "nobody-listens"})["job"]
+    rows_a, rows_b = study_rows(pg_url, job_a), study_rows(pg_url, job_b)
+    ids_b = [r["id"] for r in rows_b.values()]
+    settings = load_settings({**os.environ, **env})
+    app = create_app(settings)
+    db = database_id(open_database(pg_url))
+    forged = [
+        # The old shape, with a path of the forger's choosing.
+        {"job": job_a, "model": 1, "studies": [{"id": ids_b[0], "path": str(first),
+                                                "views": [str(first / "x.png")]}]},
+        # Another job's studies under a finished job's id.
+        {"job": job_a, "db": db, "studies": ids_b},
+        # Ids as strings, an empty list, extra keys.
+        {"job": str(job_b), "db": db, "studies": ids_b},
+        {"job": job_b, "db": db, "studies": []},
+        {"job": job_b, "db": db, "studies": ids_b, "views": ["/etc/passwd"]},
+    ]
+    with app.producer_or_acquire() as producer:
+        for payload in forged:
+            app.send_task("bonexray.classify_chunk", args=[payload], queue=settings.queue,
+                          producer=producer)
+    wait_until(lambda: worker.log().count("succeeded") >= 1 + len(forged), 60,
+               "the forged messages to be handled")
+    assert worker.log().count("refusing a task message") == 4
+    assert study_rows(pg_url, job_a) == rows_a and study_rows(pg_url, job_b) == rows_b
+    assert worker.proc.poll() is None
+
+
+def test_a_study_that_lost_a_view_is_scored_as_partial(tmp_path, cheap_model, env, pg_url,
+                                                       workers):
+    root = make_tree(tmp_path / "data", studies=2)
+    for i in range(2):
+        (study_dir(root, i) / "image3.png").write_bytes(png_bytes(120))
+    job = enqueue(root, cheap_model, env)["job"]
+    (study_dir(root, 0) / "image2.png").unlink()  # gone before a worker reads it
+    workers(env, tmp_path / "worker.log")
+    p = wait_finished(pg_url, job)
+    assert (p["done"], p["partial"], p["failed"]) == (2, 1, 0)
+    csv_rows = bonexray("results", str(job), "--format", "csv", env=env).stdout.splitlines()
+    header = csv_rows[0].split(",")
+    partial = {line.split(",")[0]: line.split(",")[header.index("partial")]
+               for line in csv_rows[1:]}
+    assert partial == {str(study_dir(root, 0)): "1", str(study_dir(root, 1)): "0"}
+    status = bonexray("status", str(job), env=env).stdout
+    assert "2 done (1 partial)" in status

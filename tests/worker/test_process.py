@@ -215,9 +215,9 @@ def test_a_changed_model_file_fails_its_studies(tmp_path, pg_engine):
     job = prepare_job(engine=pg_engine, root=str(root), model=model, mode="celery")
     write_cheap_model(model_path, image_size=16, threshold=0.2)
     process._classifiers.clear()
-    summary = process.process_chunk(engine=pg_engine, job_id=job.job_id,
-                                    study_ids=job.study_ids, settings=Settings(), worker="w:1")
-    assert summary.failed == 2
+    with pytest.raises(process.ModelMismatchError, match="sha256 mismatch"):
+        process.process_chunk(engine=pg_engine, job_id=job.job_id, study_ids=job.study_ids,
+                              settings=Settings(), worker="w:1")
     with session_scope(pg_engine) as session:
         errors = session.scalars(select(Study.error).where(Study.job_id == job.job_id)).all()
     assert all("sha256 mismatch" in e for e in errors)
