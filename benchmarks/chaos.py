@@ -41,6 +41,7 @@ from bonexray.db.models import BatchStat, Job, Study, View  # noqa: E402
 from bonexray.db.session import open_database, session_scope  # noqa: E402
 from bonexray.export.cheap import write_cheap_model  # noqa: E402
 from tests.reliability.conftest import (  # noqa: E402
+    Gate,
     RedisServer,
     Worker,
     bonexray,
@@ -317,12 +318,15 @@ def lost_view(run: Run) -> dict[str, Any]:
 
 
 def requeue_while_running(run: Run) -> dict[str, Any]:
+    gate = Gate(run.study_dirs[0] / "image3.png")  # holds the first chunk in flight
     run.worker(pool="solo").wait_ready()
     job = run.enqueue()
+    fd = gate.wait_reader()
     sent = 0
-    for _ in range(3):  # the fault here is the operator's command
+    for _ in range(3):  # the fault here is the operator's command, while the job runs
         out = bonexray("requeue", str(job), "--json", env=run.env)
         sent += json.loads(out.stdout)["studies"]
+    gate.release(png_bytes(77), settle=True, fd=fd)
     run.fault_end = time.time()
     run.wait_done(job, 300)
     return figures(run, job, requeued_studies=sent)

@@ -97,12 +97,14 @@ def resend_unfinished(*, engine: Engine, app: Celery, settings: Settings,
                 job_id=job_id)
             waiting = set()
         lost = [(j, s) for j, s in rows if s not in waiting]
-        chunks = chunks_by_job(lost, settings.chunk_size)
-        if chunks:
-            database = ledger.database_id(engine)
-            send_chunks(app=app, settings=settings, database=database, chunks=chunks)
-            ledger.mark_sent(session=session, study_ids=[s for _, s in lost], now=now)
-    if lost:
+        ledger.mark_sent(session=session, study_ids=[s for _, s in lost], now=now)
+    # Published after the commit: a worker claiming these studies must not find them still
+    # locked by this pass (it would skip them). Should publishing fail, they are marked sent
+    # and the next pass after a lease takes them again.
+    chunks = chunks_by_job(lost, settings.chunk_size)
+    if chunks:
+        send_chunks(app=app, settings=settings, database=ledger.database_id(engine),
+                    chunks=chunks)
         log.warning("reaper: sent again %d unfinished studies of %d job(s) in %d chunks "
                     "(no live lease, no waiting message)", len(lost),
                     len({j for j, _ in lost}), len(chunks))
