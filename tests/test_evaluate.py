@@ -388,3 +388,23 @@ def test_heatmaps_need_a_cam_output(db_url: str, tmp_path: Path) -> None:
     code, _, err = invoke("results", str(job_id), "--heatmaps", str(tmp_path / "h"))
     assert code != 0
     assert "has no 'cam' output" in err and len(err.strip().splitlines()) == 1
+
+
+def test_partial_studies_are_counted_and_can_be_left_out(session: Session) -> None:
+    from sqlalchemy import update
+
+    from bonexray.db.models import Study
+
+    job_id = make_job(session)
+    outcomes = query.study_outcomes(session=session, job_id=job_id)
+    labelled = [o for o in outcomes if o["label"] is not None and o["score"] is not None]
+    partial_path = labelled[0]["path"]
+    session.execute(update(Study).where(Study.path == partial_path).values(partial=True))
+    every = evaluate_job(session=session, job_id=job_id, resamples=50, save=False)
+    assert every.figures["overall"]["partial"] == 1
+    assert every.figures["overall"]["partial_excluded"] is False
+    fewer = evaluate_job(session=session, job_id=job_id, resamples=50, save=False,
+                         exclude_partial=True)
+    assert fewer.figures["overall"]["n"] == every.figures["overall"]["n"] - 1
+    assert fewer.figures["overall"]["partial"] == 1
+    assert fewer.figures["overall"]["partial_excluded"] is True
