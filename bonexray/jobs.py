@@ -18,7 +18,7 @@ from bonexray.db.models import Study as StudyRow
 from bonexray.db.session import session_scope
 from bonexray.results import DONE
 from bonexray.security import check_folder
-from bonexray.settings import Settings
+from bonexray.settings import Settings, get_settings
 from bonexray.studies import Study, find_studies
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ def resolve_model(*, engine: Engine, ref: str, name: str | None = None) -> Model
     """A registered model by name / sha256 / id, or a model file registered on first use."""
     from bonexray.modelmeta import parse_metadata
     from bonexray.modelstore import store_model_file
-    from bonexray.settings import get_settings
     from bonexray.worker.inference import ModelLoadError, sha256_file
 
     path = Path(ref).expanduser()
@@ -117,8 +116,9 @@ def done_with_model(*, session: Session, model_id: int, paths: Sequence[str]) ->
 def prepare_job(*, engine: Engine, root: str, model: Model, mode: str,
                 options: dict[str, Any] | None = None,
                 studies: Sequence[Study] | None = None,
-                skip_done: bool = False) -> PreparedJob:
-    """Find the studies under `root`, register the job and its studies in SQL.
+                skip_done: bool = False, queue: str | None = None) -> PreparedJob:
+    """Find the studies under `root`, register the job and its studies in SQL; a celery
+    job records the queue its chunks go to (default: the settings' queue).
 
     With `skip_done`, studies already scored with this model by an earlier job are left
     out (failed and empty ones are tried again); `PreparedJob.skipped` counts them.
@@ -137,7 +137,9 @@ def prepare_job(*, engine: Engine, root: str, model: Model, mode: str,
         job = store.create_job(session=session, root=root_abs, model_id=model.id,
                                studies=found, mode=mode,
                                options={**(options or {}), "skipped": skipped},
-                               sent=mode == "celery")
+                               sent=mode == "celery",
+                               queue=(queue or get_settings().queue) if mode == "celery"
+                               else None)
         session.flush()
         job_id = job.id
         queued = [sid for sid, _ in store.queued_studies(session=session, job_id=job_id)]

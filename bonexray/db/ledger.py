@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import ColumnElement, Engine, or_, select, update
 from sqlalchemy.orm import Session
 
 from bonexray.db.models import DatabaseIdentity, Job, Study, View, utcnow
@@ -48,19 +48,45 @@ def crash_reason(crashes: int, view: str) -> str:
             "of memory): not tried again")
 
 
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot), None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            # The command name (field 2) may hold spaces and parentheses: split after it.
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_namespace() -> str:
+    try:
+        return f"{os.stat('/proc/self/ns/pid').st_ino:x}"
+    except OSError:
+        return "0"
+
+
+def process_identity() -> str:
+    """This process as a lease holder: host:pid:namespace.start. The namespace and start
+    time tell a restarted process that got the same pid (or a container's process with the
+    same hostname and pid) from this one."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_pid_namespace()}.{_process_start(pid) or 0}"
+
+
 def _owner_is_dead(claimed_by: str) -> bool:
-    """True when the lease holder ran on this host and its process is gone: its studies
-    are free at once, without waiting for the lease to run out."""
-    host, _, pid = claimed_by.rpartition(":")
+    """True when the lease holder ran on this host, in this pid namespace, and its process
+    is gone (or the pid now belongs to another process): its studies are free at once."""
+    host, _, rest = claimed_by.partition(":")
+    pid, _, token = rest.partition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+    namespace, _, start = token.partition(".")
+    if token and namespace != _pid_namespace():
+        return False  # another container's process: its pids are not ours to check
+    current = _process_start(int(pid))
+    if current is None:
         return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    return bool(start) and start != current
 
 
 @dataclass(frozen=True)
@@ -95,8 +121,9 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
         .where(Study.id.in_(sorted(set(study_ids))), Study.job_id == job_id,
                Study.status == QUEUED)
         .order_by(Study.id)
-        # Another worker claiming the same studies (a duplicate message) skips them.
-        .with_for_update(skip_locked=True)
+        # Another worker claiming the same studies (a duplicate message) waits for this
+        # claim and then finds them leased; skipping locked rows would drop them instead.
+        .with_for_update()
     ).all()
     claimed: list[tuple[int, str, bool]] = []  # (id, path, suspect)
     crash_counts: dict[int, int] = {}
@@ -125,7 +152,16 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
             failed[row.id] = (f"claimed {attempts - 1} times without finishing: every worker "
                               "holding it was lost")
             continue
-        session.execute(update(Study).where(Study.id == row.id).values(**values))
+        # Conditional on what was read: SQLite takes no row locks, and a second claimer
+        # that read the same row before this update must find it changed.
+        taken = session.execute(
+            update(Study)
+            .where(Study.id == row.id, Study.status == QUEUED,
+                   Study.claimed_by.is_not_distinct_from(row.claimed_by),
+                   Study.heartbeat_at.is_not_distinct_from(row.heartbeat_at))
+            .values(**values))
+        if not taken.rowcount:  # type: ignore[attr-defined]
+            continue
         claimed.append((row.id, row.path, attempts > 1))
         crash_counts[row.id] = 0 if row.id in crashed_views else crashes
     for study_id, error in failed.items():
@@ -196,28 +232,61 @@ def mark_decoding(*, session: Session, study_id: int, worker: str, view: str | N
 
 
 def unfinished_unleased(*, session: Session, lease_seconds: int, sent_before: datetime | None,
-                        job_id: int | None = None, limit: int = 10_000,
+                        job_id: int | None = None, queue: str | None = None,
+                        after_id: int = 0, limit: int = 10_000,
                         now: datetime | None = None) -> list[tuple[int, int]]:
-    """(job id, study id) of unfinished studies of broker jobs that no live lease holds and
-    whose last message (if any) is older than `sent_before`; locked for this transaction,
-    skipping rows another reaper holds."""
+    """(job id, study id), by study id from `after_id` on, of unfinished studies of broker
+    jobs (of `queue`, or of `job_id`) that no live lease holds and whose last message (if
+    any) is older than `sent_before`. Takes no locks: see lock_unleased."""
     now = now or utcnow()
-    expired = now - timedelta(seconds=lease_seconds)
-    conditions = [Study.status == QUEUED, Job.mode == "celery",
-                  or_(Study.heartbeat_at.is_(None), Study.heartbeat_at < expired)]
-    if sent_before is not None:
-        conditions.append(or_(Study.sent_at.is_(None), Study.sent_at < sent_before))
+    conditions = [*_unleased(now, lease_seconds, sent_before), Job.mode == "celery",
+                  Study.id > after_id]
     if job_id is not None:
         conditions.append(Study.job_id == job_id)
+    if queue is not None:
+        conditions.append(Job.queue == queue)
     rows = session.execute(
         select(Study.job_id, Study.id)
         .join(Job, Job.id == Study.job_id)
         .where(*conditions)
         .order_by(Study.id)
         .limit(limit)
-        .with_for_update(skip_locked=True, of=Study)
     ).all()
     return [(row.job_id, row.id) for row in rows]
+
+
+def _unleased(now: datetime, lease_seconds: int,
+              sent_before: datetime | None) -> list[ColumnElement[bool]]:
+    expired = now - timedelta(seconds=lease_seconds)
+    conditions = [Study.status == QUEUED,
+                  or_(Study.heartbeat_at.is_(None), Study.heartbeat_at < expired)]
+    if sent_before is not None:
+        conditions.append(or_(Study.sent_at.is_(None), Study.sent_at < sent_before))
+    return conditions
+
+
+def lock_unleased(*, session: Session, study_ids: Sequence[int], lease_seconds: int,
+                  sent_before: datetime | None, now: datetime | None = None) -> list[int]:
+    """Those of `study_ids` still unfinished, unleased and not sent since `sent_before`,
+    locked for this transaction; rows another reaper or a claim holds are skipped."""
+    if not study_ids:
+        return []
+    now = now or utcnow()
+    return list(session.scalars(
+        select(Study.id)
+        .where(Study.id.in_(sorted(study_ids)), *_unleased(now, lease_seconds, sent_before))
+        .order_by(Study.id)
+        .with_for_update(skip_locked=True)
+    ))
+
+
+def any_live_lease(*, session: Session, lease_seconds: int, now: datetime | None = None
+                   ) -> bool:
+    """True when some worker holds a live lease on any study of this database."""
+    expired = (now or utcnow()) - timedelta(seconds=lease_seconds)
+    return session.scalar(
+        select(Study.id).where(Study.status == QUEUED, Study.heartbeat_at >= expired).limit(1)
+    ) is not None
 
 
 def mark_sent(*, session: Session, study_ids: Sequence[int], now: datetime | None = None) -> None:

@@ -101,6 +101,9 @@ class Job(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     mode: Mapped[str] = mapped_column(String(16))  # "embedded" | "celery"
+    # The broker queue its chunks go to (celery jobs): a worker's reaper re-sends only the
+    # jobs of the queue it consumes.
+    queue: Mapped[str | None] = mapped_column(String(255))
     options: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     n_studies: Mapped[int] = mapped_column(Integer, default=0)
     n_views: Mapped[int] = mapped_column(Integer, default=0)

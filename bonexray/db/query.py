@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
+from bonexray.db.ledger import any_live_lease
 from bonexray.db.models import Evaluation, Job, Model, Study, View, utcnow
 from bonexray.results import DONE, EMPTY, FAILED, QUEUED, STATUSES
 
@@ -117,10 +118,11 @@ def job_progress(*, session: Session, job_id: int, lease_seconds: int = 30,
     `in_flight` those of them a live lease holds, `partial` the done ones scored from some
     of their views), views scored and failed, throughput, and its state.
 
-    state: finished (no study queued); stalled (studies queued, none leased, and no study
-    finished nor heartbeat seen for `stall_seconds`: no worker is getting anywhere with
-    it); else running. images_per_s counts scored and failed views over the time from the
-    job's creation to its last scored or failed study; None before any.
+    state: finished (no study queued); stalled (studies queued, none leased, no study
+    finished nor heartbeat seen for `stall_seconds`, and no live lease on any study of
+    the database: no worker is getting anywhere); else running. images_per_s counts
+    scored and failed views over the time from the job's creation to its last scored or
+    failed study; None before any.
     """
     job = session.get(Job, job_id)
     if job is None:
@@ -172,7 +174,10 @@ def job_progress(*, session: Session, job_id: int, lease_seconds: int = 30,
     idle = (now - last_progress).total_seconds()
     if finished:
         state = FINISHED_STATE
-    elif not in_flight and idle > stall_seconds:
+    elif (not in_flight and idle > stall_seconds
+          and not any_live_lease(session=session, lease_seconds=lease_seconds, now=now)):
+        # No worker holds anything anywhere: nobody is getting to this job. (Workers busy
+        # with other jobs of the database mean it waits its turn.)
         state = STALLED
     else:
         state = RUNNING

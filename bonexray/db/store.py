@@ -86,16 +86,17 @@ def storable_path(path: str) -> tuple[str, bool]:
 
 
 def create_job(*, session: Session, root: str, model_id: int, studies: Sequence[FoundStudy],
-               mode: str, options: dict[str, Any], sent: bool = False) -> Job:
+               mode: str, options: dict[str, Any], sent: bool = False,
+               queue: str | None = None) -> Job:
     """A new job with one row per study, and one per view: the ledger the workers read.
 
     A study is queued, or empty (and finished) without views, or failed at once when its
     folder name cannot be stored; a view whose file name cannot be stored fails at once
     with the reason, and its study goes on with the rest. `sent`: the studies' messages
-    are about to be published (the reaper counts from now).
+    are about to be published to `queue` (the reaper counts from now).
     """
     now = utcnow()
-    job = Job(root=root, model_id=model_id, mode=mode, options=dict(options),
+    job = Job(root=root, model_id=model_id, mode=mode, options=dict(options), queue=queue,
               n_studies=len(studies), n_views=sum(len(s.views) for s in studies),
               created_at=now, finished_at=None)
     session.add(job)
@@ -195,7 +196,9 @@ def save_results(*, session: Session, job_id: int, results: Sequence[StudyResult
     now = utcnow()
     stmt = (
         update(table)
-        .where(table.c.id == bindparam("b_id"), table.c.job_id == job_id)
+        # Still queued: on SQLite, which takes no row locks, a second writer finds it done.
+        .where(table.c.id == bindparam("b_id"), table.c.job_id == job_id,
+               table.c.status == QUEUED)
         .values(
             status=bindparam("b_status"),
             score=bindparam("b_score"),
@@ -227,14 +230,17 @@ def save_results(*, session: Session, job_id: int, results: Sequence[StudyResult
 
 
 def mark_failed(*, session: Session, study_ids: Sequence[int], error: str,
-                worker: str) -> None:
-    """Fail the studies among `study_ids` still queued, with `error`, ending their leases
-    (results stay as they are)."""
+                worker: str, job_id: int | None = None) -> None:
+    """Fail the studies among `study_ids` still queued (of `job_id`, when given), with
+    `error`, ending their leases (results stay as they are)."""
     if not study_ids:
         return
+    conditions = [Study.id.in_(sorted(study_ids)), Study.status == QUEUED]
+    if job_id is not None:
+        conditions.append(Study.job_id == job_id)
     session.execute(
         update(Study)
-        .where(Study.id.in_(sorted(study_ids)), Study.status == QUEUED)
+        .where(*conditions)
         .values(status=FAILED, error=error, worker=worker, finished_at=utcnow(),
                 claimed_by=None, heartbeat_at=None, decoding=None)
     )

@@ -8,7 +8,6 @@ import logging
 import os
 import queue
 import random
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -56,7 +55,8 @@ class ChunkSummary:
 
 
 def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process as a lease holder (host:pid:namespace.start)."""
+    return ledger.process_identity()
 
 
 def get_classifier(model: Model, settings: Settings) -> Classifier:
@@ -234,9 +234,16 @@ def process_chunk(*, engine: Engine, job_id: int, study_ids: Sequence[int], sett
     try:
         classifier = get_classifier(model, settings)
     except ModelMismatchError as exc:
+        # Only what this worker could claim: studies of this job, unfinished, held by no
+        # live worker.
         with session_scope(engine) as session:
-            store.mark_failed(session=session, study_ids=study_ids, error=str(exc),
-                              worker=worker)
+            claim = ledger.claim_studies(
+                session=session, job_id=job_id, study_ids=study_ids, worker=worker,
+                lease_seconds=settings.lease_seconds, max_crashes=settings.max_crashes,
+                max_attempts=settings.max_attempts)
+            store.mark_failed(session=session, study_ids=[t.id for t in claim.tasks],
+                              error=str(exc), worker=worker, job_id=job_id)
+        with session_scope(engine) as session:
             store.finish_job_if_done(session=session, job_id=job_id)
         log.error("job %d: %s", job_id, exc)
         raise
@@ -350,8 +357,11 @@ def _classify_carefully(engine: Engine, job_id: int, task: StudyTask, classifier
         return predict(pixels)
 
     info = classifier.info
+    # One decode at a time; batches no larger than usual (a study of hundreds of views
+    # must not become one batch that runs the device out of memory).
     options = dataclasses.replace(pipeline_options(settings), decode_threads=1,
-                                  prefetch_views=1, batch_size=max(1, len(task.views)))
+                                  prefetch_views=1,
+                                  batch_size=max(1, min(len(task.views), settings.batch_size)))
     results, _ = classify_studies(
         [task], predict=predict_after_decoding, input_size=info.input_size,
         resize=info.resize, threshold=info.threshold, aggregation=info.aggregation,
@@ -373,7 +383,8 @@ def fail_claimed(*, engine: Engine, job_id: int, study_ids: Sequence[int], worke
         with session_scope(engine) as session:
             held = list(session.scalars(select(Study.id).where(
                 Study.id.in_(sorted(study_ids)), Study.claimed_by == worker)))
-            store.mark_failed(session=session, study_ids=held, error=error, worker=worker)
+            store.mark_failed(session=session, study_ids=held, error=error, worker=worker,
+                              job_id=job_id)
         with session_scope(engine) as session:
             store.finish_job_if_done(session=session, job_id=job_id)
     except Exception as exc:

@@ -76,8 +76,13 @@ def stop_sick_worker(reason: str) -> None:
                 fh.write(reason)
         except OSError as exc:
             log.error("cannot write %s: %s", path, exc)
-    main_pid = int(os.environ.get(MAIN_PID_ENV) or os.getpid())
+    main_pid = os.environ.get(MAIN_PID_ENV)
+    if not main_pid:
+        # Not started by `bonexray worker`: which process is the main one is unknown here
+        # (a signal to this pool process would kill it before its chunk is given back).
+        log.critical("start workers with `bonexray worker` so that a sick one can stop itself")
+        return
     try:
-        os.kill(main_pid, signal.SIGTERM)
+        os.kill(int(main_pid), signal.SIGTERM)
     except ProcessLookupError:
-        log.error("worker main process %d is gone", main_pid)
+        log.error("worker main process %s is gone", main_pid)

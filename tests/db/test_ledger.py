@@ -249,3 +249,50 @@ def test_finishing_a_job_does_not_wait_for_timings_being_written(pg_url: str) ->
                 assert store.finish_job_if_done(session=session, job_id=job_id)
                 session.rollback()
         writer.rollback()
+
+
+def test_the_reaper_looks_only_at_its_queue_and_in_slices(session: Session,
+                                                          model: Model) -> None:
+    a = store.create_job(session=session, root="/a", model_id=model.id,
+                         studies=make_studies(3), mode="celery", options={}, queue="qa")
+    b = store.create_job(session=session, root="/b", model_id=model.id,
+                         studies=make_studies(2, root="/b"), mode="celery", options={},
+                         queue="qb")
+    session.flush()
+    later = utcnow() + timedelta(seconds=1)
+    rows = ledger.unfinished_unleased(session=session, lease_seconds=LEASE, sent_before=later,
+                                      queue="qa")
+    assert {j for j, _ in rows} == {a.id} and len(rows) == 3
+    first = ledger.unfinished_unleased(session=session, lease_seconds=LEASE, sent_before=later,
+                                       queue="qa", limit=2)
+    rest = ledger.unfinished_unleased(session=session, lease_seconds=LEASE, sent_before=later,
+                                      queue="qa", after_id=first[-1][1])
+    assert first + rest == rows
+    assert [j for j, _ in ledger.unfinished_unleased(
+        session=session, lease_seconds=LEASE, sent_before=later, job_id=b.id)] == [b.id] * 2
+    # Locking re-checks the conditions: a study claimed meanwhile is not sent again.
+    ids = [s for _, s in rows]
+    _claim(session, a, ids[:1], "host:1")
+    assert ledger.lock_unleased(session=session, study_ids=ids, lease_seconds=LEASE,
+                                sent_before=later) == ids[1:]
+
+
+def test_a_reused_pid_or_another_namespace_is_not_the_lease_holder() -> None:
+    me = ledger.process_identity()
+    host, pid, token = me.split(":")
+    namespace, start = token.split(".")
+    assert not ledger._owner_is_dead(me)
+    assert ledger._owner_is_dead(f"{host}:{pid}:{namespace}.{int(start) + 1}")  # pid reused
+    assert not ledger._owner_is_dead(f"{host}:{pid}:ffff{namespace}.1")  # another container
+    assert not ledger._owner_is_dead(f"elsewhere:{pid}:{token}")
+
+
+def test_a_job_waiting_behind_busy_workers_is_not_stalled(session: Session,
+                                                          model: Model) -> None:
+    waiting = _job(session, model, 2)
+    busy = _job(session, model, 1)
+    later = utcnow() + timedelta(seconds=120)
+    _claim(session, busy, _ids(session, busy), "host:1", now=later)  # a live lease then
+    p = query.job_progress(session=session, job_id=waiting.id, lease_seconds=LEASE,
+                           stall_seconds=60, now=later)
+    assert (p["state"], p["in_flight"]) == ("running", 0)

@@ -1,5 +1,5 @@
-"""The ledger: leases on studies, partial results, idempotent batch timings, and the
-database's identity that task messages carry.
+"""The ledger: leases on studies, partial results, idempotent batch timings, each job's
+queue, and the database's identity that task messages carry.
 
 Revision ID: 0003
 Revises: 0002
@@ -36,6 +36,8 @@ def upgrade() -> None:
     if op.get_bind().dialect.name == "sqlite":
         now = now.replace(tzinfo=None)
     op.bulk_insert(identity, [{"id": str(uuid.uuid4()), "created_at": now}])
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("queue", sa.String(255), nullable=True))
     with op.batch_alter_table("studies") as batch:
         batch.add_column(sa.Column("partial", sa.Boolean(), nullable=False,
                                    server_default=sa.false()))
@@ -63,4 +65,6 @@ def downgrade() -> None:
         for column in ("crashes", "decoding", "sent_at", "heartbeat_at", "claimed_by",
                        "partial"):
             batch.drop_column(column)
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("queue")
     op.drop_table("database_identity")
