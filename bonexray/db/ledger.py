@@ -10,8 +10,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Engine, or_, select, update
+from sqlalchemy import ColumnElement, Engine, Table, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from bonexray.db.models import DatabaseIdentity, Job, Study, View, utcnow
@@ -129,6 +130,8 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
     crash_counts: dict[int, int] = {}
     crashed_views: dict[int, tuple[str, str]] = {}
     failed: dict[int, str] = {}
+    updates: list[dict[str, Any]] = []
+    candidates: dict[int, tuple[str, bool, int]] = {}  # id -> (path, suspect, crashes)
     for row in rows:
         mine = row.claimed_by == worker
         free = (row.claimed_by is None or mine or row.heartbeat_at is None
@@ -136,34 +139,43 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
         if not free:
             continue
         attempts = row.attempts + (0 if mine else 1)
-        crashes = row.crashes
-        values: dict[str, object] = {"claimed_by": worker, "heartbeat_at": now,
-                                     "attempts": attempts}
-        if row.decoding is not None and not mine:
+        crashes, decoding = row.crashes, row.decoding
+        if decoding is not None and not mine:
             crashes += 1
-            values["crashes"] = crashes
             if crashes >= max_crashes:
-                crashed_views[row.id] = (row.decoding, crash_reason(crashes, row.decoding))
-                values["decoding"] = None
-                values["crashes"] = 0
+                crashed_views[row.id] = (decoding, crash_reason(crashes, decoding))
+                crashes, decoding = 0, None
                 log.error("study %d: a view killed its worker %d times; it fails, the rest "
-                          "of the study goes on", row.id, crashes)
+                          "of the study goes on", row.id, row.crashes + 1)
         if attempts > max_attempts:
             failed[row.id] = (f"claimed {attempts - 1} times without finishing: every worker "
                               "holding it was lost")
             continue
-        # Conditional on what was read: SQLite takes no row locks, and a second claimer
-        # that read the same row before this update must find it changed.
-        taken = session.execute(
-            update(Study)
-            .where(Study.id == row.id, Study.status == QUEUED,
-                   Study.claimed_by.is_not_distinct_from(row.claimed_by),
-                   Study.heartbeat_at.is_not_distinct_from(row.heartbeat_at))
-            .values(**values))
-        if not taken.rowcount:  # type: ignore[attr-defined]
-            continue
-        claimed.append((row.id, row.path, attempts > 1))
-        crash_counts[row.id] = 0 if row.id in crashed_views else crashes
+        updates.append({"b_id": row.id, "b_old_by": row.claimed_by,
+                        "b_old_beat": row.heartbeat_at, "b_attempts": attempts,
+                        "b_crashes": crashes, "b_decoding": decoding})
+        candidates[row.id] = (row.path, attempts > 1, crashes)
+    if updates:
+        # One statement for the chunk, conditional on what was read: SQLite takes no row
+        # locks, and a second claimer that read the same rows first must find them changed.
+        table = cast(Table, Study.__table__)  # Core: an executemany, not an ORM bulk update
+        session.execute(
+            update(table)
+            .where(table.c.id == bindparam("b_id"), table.c.status == QUEUED,
+                   table.c.claimed_by.is_not_distinct_from(bindparam("b_old_by")),
+                   table.c.heartbeat_at.is_not_distinct_from(bindparam("b_old_beat")))
+            .values(claimed_by=worker, heartbeat_at=now, attempts=bindparam("b_attempts"),
+                    crashes=bindparam("b_crashes"), decoding=bindparam("b_decoding")),
+            updates)
+        won = set(session.scalars(select(Study.id).where(
+            Study.id.in_(sorted(candidates)), Study.claimed_by == worker,
+            Study.heartbeat_at == now)))
+        for study_id in sorted(won):
+            path, suspect, crashes = candidates[study_id]
+            claimed.append((study_id, path, suspect))
+            crash_counts[study_id] = crashes
+        for study_id in set(crashed_views) - won:
+            del crashed_views[study_id]
     for study_id, error in failed.items():
         session.execute(
             update(Study).where(Study.id == study_id, Study.status == QUEUED)

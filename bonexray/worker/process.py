@@ -226,8 +226,8 @@ def process_chunk(*, engine: Engine, job_id: int, study_ids: Sequence[int], sett
     decoded one view at a time, each view recorded first, so that a view that kills its
     process is found and failed after `max_crashes`. A model that fails its sha256 check
     fails the studies and is raised; a model that cannot be loaded here raises
-    WorkerSickError, leaving
-    the studies to others. Database errors propagate: the caller retries (run_chunk).
+    WorkerSickError, leaving the studies to others. Database errors propagate: the caller
+    retries (run_chunk).
     """
     worker = worker or worker_name()
     model = _load_job_model(engine, job_id)
@@ -262,7 +262,8 @@ def process_chunk(*, engine: Engine, job_id: int, study_ids: Sequence[int], sett
                 store.finish_job_if_done(session=session, job_id=job_id)
         return ChunkSummary(0, 0, claim.failed, 0, 0, classifier.provider, claim.skipped)
     by_id = {t.id: t for t in tasks}
-    plain = [t for t in tasks if t.id not in set(claim.suspects)]
+    suspects = set(claim.suspects)
+    plain = [t for t in tasks if t.id not in suspects]
     careful = [by_id[sid] for sid in claim.suspects]
     try:
         with Heartbeat(engine=engine, study_ids=[t.id for t in tasks], worker=worker,
