@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Engine, Table, bindparam, or_, select, update
+from sqlalchemy import ColumnElement, Engine, Table, bindparam, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from bonexray.db.models import DatabaseIdentity, Job, Study, View, utcnow
@@ -42,6 +42,14 @@ def database_id(engine: Engine) -> str:
     with _identities_lock:
         _identities[key] = found
     return found
+
+
+def _async_commit(session: Session) -> None:
+    """Commit this transaction without waiting for the WAL flush (PostgreSQL). For lease
+    bookkeeping only: should the database crash and lose it, a study merely looks
+    unclaimed and is claimed again; results are never written this way."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit = off"))
 
 
 def crash_reason(crashes: int, view: str) -> str:
@@ -116,6 +124,7 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
     """
     now = now or utcnow()
     expired = now - timedelta(seconds=lease_seconds)
+    _async_commit(session)
     rows = session.execute(
         select(Study.id, Study.claimed_by, Study.heartbeat_at, Study.attempts,
                Study.decoding, Study.crashes, Study.n_views, Study.path)
@@ -155,10 +164,21 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
                         "b_old_beat": row.heartbeat_at, "b_attempts": attempts,
                         "b_crashes": crashes, "b_decoding": decoding})
         candidates[row.id] = (row.path, attempts > 1, crashes)
-    if updates:
-        # One statement for the chunk, conditional on what was read: SQLite takes no row
-        # locks, and a second claimer that read the same rows first must find them changed.
-        table = cast(Table, Study.__table__)  # Core: an executemany, not an ORM bulk update
+    won: set[int] = set()
+    table = cast(Table, Study.__table__)  # Core statements, not ORM bulk updates
+    # Each update is conditional on what was read: SQLite takes no row locks, and a second
+    # claimer that read the same rows first must find them changed.
+    fresh = [u["b_id"] for u in updates if u["b_old_by"] is None and u["b_old_beat"] is None
+             and u["b_decoding"] is None]
+    if fresh:  # the usual case, one statement: studies nobody has held yet
+        won.update(session.scalars(
+            update(table)
+            .where(table.c.id.in_(fresh), table.c.status == QUEUED,
+                   table.c.claimed_by.is_(None), table.c.heartbeat_at.is_(None))
+            .values(claimed_by=worker, heartbeat_at=now, attempts=table.c.attempts + 1)
+            .returning(table.c.id)))
+    again = [u for u in updates if u["b_id"] not in set(fresh)]
+    if again:  # taken over from a lost worker, or retried by this one
         session.execute(
             update(table)
             .where(table.c.id == bindparam("b_id"), table.c.status == QUEUED,
@@ -166,16 +186,16 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
                    table.c.heartbeat_at.is_not_distinct_from(bindparam("b_old_beat")))
             .values(claimed_by=worker, heartbeat_at=now, attempts=bindparam("b_attempts"),
                     crashes=bindparam("b_crashes"), decoding=bindparam("b_decoding")),
-            updates)
-        won = set(session.scalars(select(Study.id).where(
-            Study.id.in_(sorted(candidates)), Study.claimed_by == worker,
+            again)
+        won.update(session.scalars(select(Study.id).where(
+            Study.id.in_(sorted(u["b_id"] for u in again)), Study.claimed_by == worker,
             Study.heartbeat_at == now)))
-        for study_id in sorted(won):
-            path, suspect, crashes = candidates[study_id]
-            claimed.append((study_id, path, suspect))
-            crash_counts[study_id] = crashes
-        for study_id in set(crashed_views) - won:
-            del crashed_views[study_id]
+    for study_id in sorted(won):
+        path, suspect, crashes = candidates[study_id]
+        claimed.append((study_id, path, suspect))
+        crash_counts[study_id] = crashes
+    for study_id in set(crashed_views) - won:
+        del crashed_views[study_id]
     for study_id, error in failed.items():
         session.execute(
             update(Study).where(Study.id == study_id, Study.status == QUEUED)
@@ -213,6 +233,7 @@ def _tasks_from_views(session: Session,
 
 def heartbeat(*, session: Session, study_ids: Sequence[int], worker: str) -> int:
     """Renew `worker`'s leases on the unfinished studies among `study_ids`."""
+    _async_commit(session)
     result = session.execute(
         update(Study)
         .where(Study.id.in_(sorted(study_ids)), Study.claimed_by == worker,
@@ -237,6 +258,7 @@ def release(*, session: Session, study_ids: Sequence[int], worker: str) -> None:
 
 def mark_decoding(*, session: Session, study_id: int, worker: str, view: str | None) -> None:
     """Record the view a careful decode is about to read (None: done decoding)."""
+    _async_commit(session)
     session.execute(
         update(Study).where(Study.id == study_id, Study.claimed_by == worker)
         .values(decoding=view, heartbeat_at=utcnow())

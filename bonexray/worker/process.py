@@ -204,7 +204,27 @@ class Heartbeat:
         self.thread.join(timeout=30)
 
 
+_JOB_MODELS: OrderedDict[tuple[str, int], tuple[float, Model]] = OrderedDict()
+_JOB_MODEL_TTL = 30.0
+
+
 def _load_job_model(engine: Engine, job_id: int) -> Model:
+    """The job's registered model, kept for a while per process (a job's model never
+    changes; a moved model file's new path is read again after the TTL)."""
+    key = (str(engine.url), job_id)
+    with _lock:
+        cached = _JOB_MODELS.get(key)
+        if cached is not None and time.monotonic() - cached[0] < _JOB_MODEL_TTL:
+            return cached[1]
+    model = _read_job_model(engine, job_id)
+    with _lock:
+        _JOB_MODELS[key] = (time.monotonic(), model)
+        while len(_JOB_MODELS) > 256:
+            _JOB_MODELS.popitem(last=False)
+    return model
+
+
+def _read_job_model(engine: Engine, job_id: int) -> Model:
     with session_scope(engine) as session:
         job = session.get(Job, job_id)
         if job is None:
