@@ -205,6 +205,18 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
         session.execute(update(View).where(View.study_id == study_id, View.path == view)
                         .values(prob=None, error=reason))
     tasks = _tasks_from_views(session, claimed)
+    # A study queued by a bonexray older than the ledger has views but no view rows.
+    n_views = {row.id: row.n_views for row in rows}
+    orphans = [t.id for t in tasks if not t.views and not t.failed and n_views[t.id]]
+    if orphans:
+        session.execute(
+            update(Study).where(Study.id.in_(orphans), Study.status == QUEUED)
+            .values(status=FAILED, worker=worker, finished_at=now, claimed_by=None,
+                    heartbeat_at=None, error="queued by an older bonexray: its views are not "
+                    "in the database; enqueue the folder again"))
+        failed.update(dict.fromkeys(orphans, "orphan"))
+        tasks = tuple(t for t in tasks if t.id not in set(orphans))
+        claimed = [c for c in claimed if c[0] not in set(orphans)]
     suspects = sorted((sid for sid, _, suspect in claimed if suspect),
                       key=lambda sid: (crash_counts[sid], sid))
     return Claim(tasks=tasks, suspects=tuple(suspects),

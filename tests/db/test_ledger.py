@@ -296,3 +296,16 @@ def test_a_job_waiting_behind_busy_workers_is_not_stalled(session: Session,
     p = query.job_progress(session=session, job_id=waiting.id, lease_seconds=LEASE,
                            stall_seconds=60, now=later)
     assert (p["state"], p["in_flight"]) == ("running", 0)
+
+
+def test_a_study_queued_before_the_ledger_fails_with_the_reason(session: Session,
+                                                               model: Model) -> None:
+    from sqlalchemy import delete
+
+    job = _job(session, model, 2)
+    ids = _ids(session, job)
+    session.execute(delete(View).where(View.study_id == ids[0]))  # as an old enqueue left it
+    claim = _claim(session, job, ids, "host:1")
+    assert [t.id for t in claim.tasks] == ids[1:] and claim.failed == 1
+    study = _study(session, ids[0])
+    assert study.status == "failed" and "enqueue the folder again" in study.error
