@@ -1,7 +1,7 @@
 """Faults that once stalled studies in silence, each ending scored or explained without a
-human command: a view that kills its process, a worker without the model, a broker that
-lost its queue, a message for another database, names that are not UTF-8, a job nobody
-works on. Real workers, Redis and Postgres."""
+human command: a view that kills its process, a worker without the model, a message for
+another database or a forged one, names that are not UTF-8, a lost view, a job nobody
+works on. Real workers, Redis and Postgres. (A broker that lost its queue: test_outages.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 
 from tests.reliability.conftest import (
     Gate,
-    RedisServer,
     bonexray,
     enqueue,
     png_bytes,
@@ -23,8 +22,6 @@ from tests.reliability.conftest import (
     wait_until,
     write_study,
 )
-
-FAST = {"BONEXRAY_LEASE_SECONDS": "3", "BONEXRAY_REAPER_INTERVAL": "1"}
 
 
 def study_dir(root: Path, i: int) -> Path:
@@ -100,29 +97,6 @@ def test_a_worker_without_the_model_stops_and_leaves_the_work(tmp_path, cheap_mo
     assert (p["done"], p["failed"]) == (6, 0)
     assert all(r["attempts"] == 1 for r in study_rows(pg_url, job).values())
     assert healthy.proc.poll() is None
-
-
-def test_a_lost_queue_heals_without_requeue(tmp_path, cheap_model, env, pg_url, workers):
-    server = RedisServer(tmp_path / "redis", persistent=False)
-    server.start()
-    try:
-        env = {**env, **FAST, "BONEXRAY_BROKER_URL": server.url}
-        root = make_tree(tmp_path / "data", studies=6)
-        gate = Gate(study_dir(root, 0) / "gate.png")
-        worker = workers(env, tmp_path / "worker.log")
-        worker.wait_ready()
-        job = enqueue(root, cheap_model, env)["job"]
-        fd = gate.wait_reader()  # chunk 1 running, chunk 2 waiting in Redis
-        server.stop()
-        server.start()  # empty: the waiting chunk is gone
-        assert server.queue_length(env["BONEXRAY_QUEUE"]) == 0
-        gate.release(png_bytes(180), settle=True, fd=fd)
-        p = wait_finished(pg_url, job, timeout=90)  # nobody typed requeue
-        assert (p["done"], p["failed"]) == (6, 0)
-        assert "reaper: sent again 3 unfinished studies" in worker.log()
-        assert worker.proc.poll() is None
-    finally:
-        server.stop()
 
 
 def test_a_message_for_another_database_is_refused_and_its_job_stalls(

@@ -48,10 +48,15 @@ def private_redis(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Re
     server.stop()
 
 
+@pytest.mark.parametrize("heal", ["reaper", "requeue"])
 @pytest.mark.parametrize("private_redis", [False], indirect=True)
-def test_redis_restart_without_persistence_then_requeue(tmp_path, cheap_model, env, pg_url,
-                                                       workers, private_redis):
-    env = {**env, "BONEXRAY_BROKER_URL": private_redis.url}
+def test_redis_restart_without_persistence_heals(tmp_path, cheap_model, env, pg_url, workers,
+                                                 private_redis, heal):
+    # The waiting chunk is lost with the queue. The worker's reaper sends it again once its
+    # lease-long grace is over (short here), without anyone typing a command; `requeue`
+    # does the same pass at once, by hand.
+    fast = {"BONEXRAY_LEASE_SECONDS": "3", "BONEXRAY_REAPER_INTERVAL": "1"}
+    env = {**env, "BONEXRAY_BROKER_URL": private_redis.url, **(fast if heal == "reaper" else {})}
     root = make_tree(tmp_path / "data", studies=6)
     gate = Gate(study_dir(root, 0) / "gate.png")
     worker = workers(env, tmp_path / "worker.log")
@@ -62,13 +67,15 @@ def test_redis_restart_without_persistence_then_requeue(tmp_path, cheap_model, e
     private_redis.start()  # empty: the waiting chunk is gone
     assert private_redis.queue_length(env["BONEXRAY_QUEUE"]) == 0
     gate.release(png_bytes(180), settle=True, fd=fd)
-    wait_until(lambda: progress(pg_url, job)["queued"] == 3, 60, "chunk 1's results")
-    assert not progress(pg_url, job)["finished"]
-
-    again = json.loads(bonexray("requeue", str(job), "--json", env=env).stdout)
-    assert (again["studies"], again["chunks"]) == (3, 1)
-    p = wait_finished(pg_url, job)  # the worker reconnected on its own
+    if heal == "requeue":
+        wait_until(lambda: progress(pg_url, job)["queued"] == 3, 60, "chunk 1's results")
+        assert not progress(pg_url, job)["finished"]
+        again = json.loads(bonexray("requeue", str(job), "--json", env=env).stdout)
+        assert (again["studies"], again["chunks"]) == (3, 1)
+    p = wait_finished(pg_url, job, timeout=90)  # the worker reconnected on its own
     assert p["done"] == 6 and p["failed"] == 0
+    if heal == "reaper":
+        assert "reaper: sent again 3 unfinished studies" in worker.log()
     total, distinct = count_view_rows(pg_url, job)
     assert total == distinct == 13
     assert worker.proc.poll() is None
