@@ -106,6 +106,13 @@ class TrainConfig:
             raise TrainError(f"dropout {self.dropout} outside [0, 1)")
         if any(w < 1 for w in self.head):
             raise TrainError(f"head layer widths must be >= 1, got {list(self.head)}")
+        if self.batch_norm and not self.head:
+            raise TrainError("--batch-norm normalises the head's hidden layers: it needs "
+                             "--head (e.g. --head 512,256); without one it would do nothing")
+        if self.dropout > 0 and not self.head:
+            log.warning("--dropout %g without --head: one dropout layer before the logit "
+                        "(the follow-up paper's variants put it after hidden layers: "
+                        "--head)", self.dropout)
         try:
             parse_freeze(self.freeze)
             choose_threshold([0, 1], [0.2, 0.8], self.threshold)  # the rule's form only
@@ -202,7 +209,10 @@ def class_weights(dataset: ViewDataset, how: str = "body-part") -> torch.Tensor:
 def _loader(dataset: ViewDataset, config: TrainConfig, *, shuffle: bool, batch_size: int,
             generator: torch.Generator | None = None) -> DataLoader[Any]:
     # Training workers are not persistent: each epoch's workers must see dataset.epoch.
+    # A shuffled (training) loader drops its last partial batch when there is more than one
+    # batch: a last batch of one view breaks BatchNorm1d in a head (and is a noisy step).
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                      drop_last=shuffle and len(dataset) > batch_size,
                       num_workers=config.workers, collate_fn=collate_views,
                       generator=generator, persistent_workers=config.workers > 0 and not shuffle,
                       pin_memory=torch.cuda.is_available())
@@ -389,9 +399,10 @@ def _optimizer_and_schedule(config: TrainConfig, model: nn.Module,
     if schedule == "constant":
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         return optimizer, scheduler, True, lr
-    # MURA: divide by 10 each time the validation loss has not improved for an epoch.
+    # MURA: divide by 10 each time the validation loss has not improved for an epoch
+    # (patience 0: the first epoch without improvement already divides).
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.1,
-                                                           patience=1)
+                                                           patience=0)
     return optimizer, scheduler, False, lr
 
 

@@ -193,11 +193,45 @@ def test_class_weights_global_and_none(tmp_path: Path) -> None:
         TrainConfig(data=str(tmp_path), out=str(tmp_path), loss_weights="pos")
 
 
-def test_config_errors_name_choices(tmp_path: Path) -> None:
+def test_config_errors_name_choices(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(TrainError, match="auto, cpu, cuda"):
         TrainConfig(data=str(tmp_path), out=str(tmp_path), device="tpu")
     with pytest.raises(TrainError, match="letterbox"):
         TrainConfig(data=str(tmp_path), out=str(tmp_path), resize="crop")
+    # Head options that would do nothing, or something else than they say.
+    with pytest.raises(TrainError, match="needs --head"):
+        TrainConfig(data=str(tmp_path), out=str(tmp_path), batch_norm=True)
+    TrainConfig(data=str(tmp_path), out=str(tmp_path), batch_norm=True, head=(8,))
+    with caplog.at_level("WARNING"):
+        TrainConfig(data=str(tmp_path), out=str(tmp_path), dropout=0.2)
+    assert "without --head" in caplog.text
+
+
+def test_training_batches_never_end_with_a_single_view(mura: Path, tmp_path: Path) -> None:
+    # A head with BatchNorm1d fails on a batch of one view in training mode; the training
+    # loader drops a last partial batch, the validation loader keeps every view.
+    from bonexray.studies import find_studies
+    from bonexray.trainer.data import ViewDataset
+    from bonexray.trainer.train import _loader
+
+    config = TrainConfig(data=str(mura), out=str(tmp_path), workers=0, batch_size=4)
+    views = ViewDataset(find_studies(str(mura / "train")), image_size=32)
+    size = len(views) - 1  # one view left over
+    sizes = [len(b[1]) for b in _loader(views, config, shuffle=True, batch_size=size)]
+    assert sizes == [size]
+    kept = [len(b[1]) for b in _loader(views, config, shuffle=False, batch_size=size)]
+    assert kept == [size, 1]
+
+
+def test_plateau_divides_after_one_epoch_without_improvement() -> None:
+    from bonexray.trainer.train import _optimizer_and_schedule
+
+    config = TrainConfig(data=".", out=".", schedule="plateau", lr=1e-3)
+    model = torch.nn.Linear(2, 1)
+    optimizer, scheduler, _, _ = _optimizer_and_schedule(config, model, 10)
+    scheduler.step(1.0)
+    scheduler.step(1.0)  # the first epoch without improvement (MURA)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
 
 
 def test_train_one_short_epoch(mura: Path, tmp_path: Path) -> None:
