@@ -12,7 +12,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Engine, Table, bindparam, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Table,
+    bindparam,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from bonexray.db.models import DatabaseIdentity, Job, Study, View, utcnow
@@ -177,7 +187,8 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
                    table.c.claimed_by.is_(None), table.c.heartbeat_at.is_(None))
             .values(claimed_by=worker, heartbeat_at=now, attempts=table.c.attempts + 1)
             .returning(table.c.id)))
-    again = [u for u in updates if u["b_id"] not in set(fresh)]
+    fresh_ids = set(fresh)
+    again = [u for u in updates if u["b_id"] not in fresh_ids]
     if again:  # taken over from a lost worker, or retried by this one
         session.execute(
             update(table)
@@ -215,8 +226,9 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
                     heartbeat_at=None, error="queued by an older bonexray: its views are not "
                     "in the database; enqueue the folder again"))
         failed.update(dict.fromkeys(orphans, "orphan"))
-        tasks = tuple(t for t in tasks if t.id not in set(orphans))
-        claimed = [c for c in claimed if c[0] not in set(orphans)]
+        gone = set(orphans)
+        tasks = tuple(t for t in tasks if t.id not in gone)
+        claimed = [c for c in claimed if c[0] not in gone]
     suspects = sorted((sid for sid, _, suspect in claimed if suspect),
                       key=lambda sid: (crash_counts[sid], sid))
     return Claim(tasks=tasks, suspects=tuple(suspects),
@@ -344,8 +356,6 @@ def mark_sent(*, session: Session, study_ids: Sequence[int], now: datetime | Non
 def count_leased(*, session: Session, job_id: int, lease_seconds: int,
                  now: datetime | None = None) -> int:
     """The job's unfinished studies that a live lease holds (in flight)."""
-    from sqlalchemy import func
-
     expired = (now or utcnow()) - timedelta(seconds=lease_seconds)
     return int(session.scalar(
         select(func.count()).select_from(Study)
