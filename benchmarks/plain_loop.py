@@ -6,11 +6,13 @@ DenseNet-169 from scratch, grayscale images resized (stretched) to SIZE px and r
 batch 32, random flips and +-15 degree rotations, BCE with pos_weight = negatives /
 positives, validation AUROC (one image = one study) after every epoch.
 
-    python benchmarks/plain_loop.py DATA [--epochs 8] [--size 128]
+    python benchmarks/plain_loop.py DATA [--epochs 8] [--size 128] [--out SCORES.json]
 
-DATA is a MURA layout with train/ and valid/ splits whose study folders end in
-_positive / _negative (what `bonexray import fracatlas` writes). Prints one JSON object
-per epoch and a final one.
+DATA is a MURA layout with train/ and valid/ (and test/) splits whose study folders end
+in _positive / _negative (what `bonexray import fracatlas` writes). The epoch with the
+best validation AUROC is kept; when DATA has test/, that epoch scores it once at the end.
+Prints one JSON object per epoch and a final one; --out writes the test scores and
+labels (for bootstrap intervals).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
@@ -83,7 +86,16 @@ def main() -> None:
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=1e-3, total_steps=args.epochs * len(train_loader))
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-    best = 0.0
+    def predict(loader: DataLoader) -> tuple[list[float], list[float]]:
+        model.eval()
+        scores, labels = [], []
+        with torch.no_grad():
+            for x, y in loader:
+                scores.extend(torch.sigmoid(model(x).squeeze(1)).tolist())
+                labels.extend(y.tolist())
+        return scores, labels
+
+    best, best_epoch, best_state = -1.0, 0, None
     for epoch in range(1, args.epochs + 1):
         started = time.monotonic()
         model.train()
@@ -93,18 +105,27 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             schedule.step()
-        model.eval()
-        scores, labels = [], []
-        with torch.no_grad():
-            for x, y in valid_loader:
-                scores.extend(torch.sigmoid(model(x).squeeze(1)).tolist())
-                labels.extend(y.tolist())
+        scores, labels = predict(valid_loader)
         auroc = float(roc_auc_score(labels, scores))
-        best = max(best, auroc)
+        if auroc > best:
+            best, best_epoch = auroc, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         print(json.dumps({"epoch": epoch, "valid_auroc": round(auroc, 4),
                           "seconds": round(time.monotonic() - started, 1)}), flush=True)
-    print(json.dumps({"best_valid_auroc": round(best, 4), "train": len(train_items),
-                      "valid": len(valid_items), "size": args.size, "epochs": args.epochs}))
+    final = {"best_valid_auroc": round(best, 4), "best_epoch": best_epoch,
+             "train": len(train_items), "valid": len(valid_items), "size": args.size,
+             "epochs": args.epochs, "seed": args.seed}
+    test_items = items(args.data / "test") if (args.data / "test").is_dir() else []
+    if test_items and best_state is not None:
+        model.load_state_dict(best_state)
+        test_loader = DataLoader(Views(test_items, valid_tf), batch_size=64,
+                                 num_workers=args.workers)
+        scores, labels = predict(test_loader)
+        final.update(test=len(test_items), test_auroc=round(float(roc_auc_score(labels, scores)),
+                                                             4))
+        if args.out is not None:
+            args.out.write_text(json.dumps({**final, "scores": scores, "labels": labels}))
+    print(json.dumps(final))
 
 
 if __name__ == "__main__":

@@ -143,15 +143,24 @@ def synth(out: str, studies: int, seed: int, image_size: int, valid_fraction: fl
 
 @cli.group("import")
 def import_() -> None:
-    """Turn public datasets into the MURA layout (train/valid, one folder per study)."""
+    """Turn public datasets into the MURA layout (train/valid/test, one folder per study)."""
 
 
 @import_.command("fracatlas")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--seed", default=0, show_default=True, help="Seed of the train/valid split.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the split.")
 @click.option("--valid-fraction", default=0.2, show_default=True,
-              help="Share of each (body part, label) stratum held out for validation.")
+              help="Share of each (body part, label) stratum held out for validation "
+                   "(model and threshold choice).")
+@click.option("--test-fraction", default=0.2, show_default=True,
+              help="Share held out as test/, scored once after training (0: none).")
+@click.option("--max-gap", default=3, show_default=True,
+              help="Consecutive ids at most this far apart, with the same body-part flags, "
+                   "are grouped as one exam (0: no grouping by id).")
+@click.option("--near-duplicate", default="0.95", show_default=True,
+              help="Images whose detail thumbnails correlate above this are grouped as one "
+                   "exam ('off': no visual check).")
 @click.option("--link", type=click.Choice(["copy", "hardlink", "symlink"]), default="copy",
               show_default=True, help="How images reach OUT.")
 @click.option("--conflicts", type=click.Choice(["skip", "csv", "folder"]), default="skip",
@@ -160,21 +169,40 @@ def import_() -> None:
                    "trust the CSV or the folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the import report as JSON.")
 @user_errors
-def import_fracatlas_cmd(src: str, out: str, seed: int, valid_fraction: float, link: str,
+def import_fracatlas_cmd(src: str, out: str, seed: int, valid_fraction: float,
+                         test_fraction: float, max_gap: int, near_duplicate: str, link: str,
                          conflicts: str, as_json: bool) -> None:
-    """FracAtlas (dataset.csv, images/Fractured, images/Non_fractured) -> MURA layout."""
+    """FracAtlas (dataset.csv, images/Fractured, images/Non_fractured) -> MURA layout.
+
+    FracAtlas names no patient: images that are likely one exam (consecutive ids of one
+    body part, visual near-duplicates) form a group, written as one patient, and whole
+    groups are split. The manifest keeps the hardware, multiscan and view flags.
+    """
     from bonexray.importers import import_fracatlas
 
-    report = import_fracatlas(src, out, seed=seed, valid_fraction=valid_fraction, link=link,
-                              conflicts=conflicts)
+    if near_duplicate.strip().lower() in ("off", "none", "no"):
+        threshold: float | None = None
+    else:
+        try:
+            threshold = float(near_duplicate)
+        except ValueError:
+            raise click.BadParameter(f"{near_duplicate!r} is neither a correlation nor 'off'",
+                                     param_hint="--near-duplicate") from None
+    report = import_fracatlas(src, out, seed=seed, valid_fraction=valid_fraction,
+                              test_fraction=test_fraction, max_gap=max_gap,
+                              near_duplicate=threshold, link=link, conflicts=conflicts)
     if as_json:
         click.echo(json.dumps(report.as_dict()))
         return
     for name in sorted(report.studies):
         parts = ", ".join(f"{p} {c[0] + c[1]} ({c[1]} abnormal)"
                           for p, c in sorted(report.by_body_part[name].items()))
-        click.echo(f"{name}: {report.studies[name]} studies, {report.abnormal[name]} "
-                   f"abnormal: {parts}")
+        click.echo(f"{name}: {report.studies[name]} studies in {report.groups[name]} groups, "
+                   f"{report.abnormal[name]} abnormal: {parts}")
+    grouping = report.grouping
+    click.echo(f"{grouping['groups']} likely-same-exam groups (largest {grouping['largest']}): "
+               f"{grouping['consecutive_links']} links by consecutive id, "
+               f"{grouping['near_duplicate_pairs']} near-duplicate pairs; split by group")
     click.echo(f"left out {len(report.unreadable)} unreadable images (truncated or corrupt), "
                f"{len(report.label_conflicts)} with a CSV label that disagrees with the "
                f"folder ({report.conflict_rule}); {len(report.missing_files)} listed but "
@@ -221,14 +249,17 @@ def import_fracatlas_cmd(src: str, out: str, seed: int, valid_fraction: float, l
               default="body-part", show_default=True,
               help="BCE class weights: body-part (MURA: each part's abnormal/normal share), "
                    "global (one share over all training views), none.")
+@click.option("--test", "test_dir", type=click.Path(exists=True, file_okay=False),
+              default=None, help="Labelled test studies, scored once after the last epoch "
+              "with the chosen epoch and threshold (default: DATA's test/ split, if any).")
 @click.option("--resume", is_flag=True, help="Continue OUT/last.pt (same settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
 def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr: float | None,
           weights: str, seed: int, workers: int, max_steps: int | None, device: str,
           head: str, dropout: float, batch_norm: bool, init_: str, freeze: str,
-          threshold: str, schedule: str, rotation: float, loss_weights: str, resume: bool,
-          as_json: bool) -> None:
+          threshold: str, schedule: str, rotation: float, loss_weights: str,
+          test_dir: str | None, resume: bool, as_json: bool) -> None:
     """Train DenseNet-169 on MURA-layout data; writes OUT/best.pt, last.pt, history.*."""
     from bonexray.trainer.progress import RichTrainProgress
     from bonexray.trainer.train import TrainConfig
@@ -244,7 +275,7 @@ def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr
         lr=lr, weights=None if weights == "none" else weights, seed=seed, workers=workers,
         max_steps=max_steps, device=device, head=layers, dropout=dropout,
         batch_norm=batch_norm, init=init_, freeze=freeze, threshold=threshold,
-        schedule=schedule, rotation=rotation, loss_weights=loss_weights,
+        schedule=schedule, rotation=rotation, loss_weights=loss_weights, test=test_dir,
     )
     with RichTrainProgress() as progress:
         summary = run_training(config, resume=resume, progress=progress)
@@ -256,6 +287,16 @@ def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr
                f"kappa {_fmt(best.get('kappa'))}, accuracy {_fmt(best.get('accuracy'))}, "
                f"F1 {_fmt(best.get('f1'))} on {best.get('n')} studies at threshold "
                f"{_fmt(summary.get('threshold'))}; checkpoint {summary['best']}")
+    tested = summary.get("test_metrics")
+    if tested:
+        low, high = (tested.get("ci95") or {}).get("auroc") or (None, None)
+        click.echo(f"test (scored once, epoch {tested['epoch']}): AUROC "
+                   f"{_fmt(tested.get('auroc'))} (95% CI {_fmt(low)}-{_fmt(high)}), kappa "
+                   f"{_fmt(tested.get('kappa'))}, accuracy {_fmt(tested.get('accuracy'))}, F1 "
+                   f"{_fmt(tested.get('f1'))} on {tested.get('n')} studies")
+    else:
+        click.echo("no test split (DATA/test or --test DIR): the validation figures above "
+                   "chose the epoch and threshold, so they are optimistic")
 
 
 def _fmt(value: Any) -> str:
@@ -800,10 +841,16 @@ def _duration(seconds: float | None) -> str:
               help="Decision threshold (default: the model's).")
 @click.option("--exclude-partial", is_flag=True,
               help="Leave out studies scored from only some of their views.")
+@click.option("--by", "by_flags", multiple=True,
+              help="Also break results down by this flag of the import manifest (e.g. "
+                   "hardware, multiscan, frontal, lateral, oblique); repeatable.")
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Import manifest with the flags (default: import_manifest.csv at the "
+                   "job's root or above it).")
 @user_errors
 def evaluate(job: int | None, database_url: str | None, fmt: str, plots_dir: str | None,
              resamples: int, seed: int, threshold: float | None,
-             exclude_partial: bool) -> None:
+             exclude_partial: bool, by_flags: tuple[str, ...], manifest: str | None) -> None:
     """Compare a job's predictions with the labels of its studies (latest job by default):
     accuracy, F1, kappa, AUROC, sensitivity, specificity with bootstrap 95% intervals,
     overall and per body part; stored in the evaluations table."""
@@ -815,7 +862,8 @@ def evaluate(job: int | None, database_url: str | None, fmt: str, plots_dir: str
     job_id = _job_id(engine, job)
     with session_scope(engine) as session:
         result = evaluate_job(session=session, job_id=job_id, resamples=resamples, seed=seed,
-                              threshold=threshold, exclude_partial=exclude_partial)
+                              threshold=threshold, exclude_partial=exclude_partial,
+                              by_flags=by_flags, manifest=manifest)
     if plots_dir is not None:
         from bonexray.plots import write_evaluation_plots
 
@@ -847,6 +895,8 @@ def _print_evaluation(job_id: int, run: int | None, figures: dict[str, Any]) -> 
         table.add_column(_SHORT.get(name, name), no_wrap=True,
                          justify="left" if name == "group" else "right")
     groups = [("overall", overall), *figures["by_body_part"].items()]
+    groups += [(f"{flag}={value}", f) for flag, values in (figures.get("by_flag") or {}).items()
+               for value, f in values.items()]
     for name, f in groups:
         table.add_row(name, str(f["n"]), str(f["positives"]), str(f["unscored"]),
                       *(_with_ci(f[m], f[f"{m}_ci"]) for m in _EVAL_COLUMNS))

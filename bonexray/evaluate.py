@@ -26,10 +26,70 @@ UNKNOWN_PART = "unknown"  # the group of studies whose folder names no body part
 DEFAULT_RESAMPLES = 1000
 DEFAULT_THRESHOLD = 0.5
 ABNORMAL = "abnormal"
+MANIFEST_NAME = "import_manifest.csv"  # what `bonexray import` writes beside the layout
+# Manifest columns that are not flags to break results down by.
+_NOT_FLAGS = {"image_id", "split", "body_part", "label", "group", "path"}
 
 
 class NothingToEvaluateError(ValueError):
     """The job has no study with a label to compare its predictions with."""
+
+
+class ManifestError(ValueError):
+    """A breakdown by flags asked for without a manifest that carries them."""
+
+
+def find_manifest(root: str | Path) -> Path | None:
+    """The import manifest of a job's root: in the root or the nearest folder above it."""
+    start = Path(root)
+    for folder in (start, *start.parents):
+        candidate = folder / MANIFEST_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_flags(manifest: str | Path, flags: Sequence[str]) -> dict[str, dict[str, str]]:
+    """study folder (absolute, as jobs store it) -> {flag: value} from an import manifest.
+
+    A study's flags are its views' (one view per study in FracAtlas); a study whose views
+    disagree gets "mixed".
+    """
+    path = Path(manifest)
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = set(reader.fieldnames or ())
+        available = sorted(columns - _NOT_FLAGS)
+        missing = [f for f in flags if f not in columns or f in _NOT_FLAGS]
+        if missing or "path" not in columns:
+            raise ManifestError(f"{path} has no column {', '.join(missing) or 'path'}; its "
+                                f"flags: {', '.join(available) or 'none'}")
+        by_study: dict[str, dict[str, str]] = {}
+        base = path.parent.resolve()
+        for row in reader:
+            study = str((base / row["path"]).parent)
+            seen = by_study.setdefault(study, {})
+            for flag in flags:
+                value = row[flag].strip()
+                seen[flag] = value if seen.get(flag, value) == value else "mixed"
+    return by_study
+
+
+def flag_breakdown(outcomes: Sequence[dict[str, Any]], flags_by_study: dict[str, dict[str, str]],
+                   flags: Sequence[str], *, threshold: float, resamples: int,
+                   seed: int) -> dict[str, dict[str, Any]]:
+    """{flag: {value: figures}} for the labelled studies (value "?" when the manifest does
+    not list the study); the figures as summarize_outcomes' overall ones."""
+    result: dict[str, dict[str, Any]] = {}
+    for flag in flags:
+        values = {o["path"]: flags_by_study.get(o["path"], {}).get(flag, "?") for o in outcomes}
+        result[flag] = {}
+        for value in sorted(set(values.values())):
+            subset = [o for o in outcomes if values[o["path"]] == value]
+            if any(o["label"] is not None for o in subset):
+                result[flag][value] = summarize_outcomes(
+                    subset, threshold=threshold, resamples=resamples, seed=seed)["overall"]
+    return result
 
 
 @dataclass(frozen=True)
@@ -100,12 +160,16 @@ def job_threshold(*, session: Session, job_id: int) -> float:
 
 def evaluate_job(*, session: Session, job_id: int, resamples: int = DEFAULT_RESAMPLES,
                  seed: int = 0, threshold: float | None = None,
-                 save: bool = True, exclude_partial: bool = False) -> JobEvaluation:
+                 save: bool = True, exclude_partial: bool = False,
+                 by_flags: Sequence[str] = (),
+                 manifest: str | Path | None = None) -> JobEvaluation:
     """Compare a job's study scores with the labels its folders or MURA CSVs carry, at
     the model's threshold (or `threshold`), and store the figures as a new evaluation run.
 
     Partial studies (scored from some of their views) are counted in the overall figures'
     `partial`; with `exclude_partial` they are left out of the figures altogether.
+    `by_flags` adds figures["by_flag"][FLAG][VALUE] from an import manifest (`manifest`,
+    else the one found at the job's root or above it), e.g. with and without hardware.
     """
     model_threshold = job_threshold(session=session, job_id=job_id)
     threshold = model_threshold if threshold is None else float(threshold)
@@ -129,6 +193,17 @@ def evaluate_job(*, session: Session, job_id: int, resamples: int = DEFAULT_RESA
                                  seed=seed)
     figures["overall"]["partial"] = n_partial
     figures["overall"]["partial_excluded"] = bool(exclude_partial)
+    if by_flags:
+        job = session.get(Job, job_id)
+        found = Path(manifest) if manifest is not None else find_manifest(job.root) \
+            if job is not None else None
+        if found is None:
+            raise ManifestError(f"no {MANIFEST_NAME} at {job.root if job else '?'} or above "
+                                "it; pass --manifest (written by `bonexray import`)")
+        figures["by_flag"] = flag_breakdown(
+            outcomes, read_flags(found, by_flags), by_flags, threshold=threshold,
+            resamples=resamples, seed=seed)
+        figures["manifest"] = str(found)
     run = None
     if save:
         groups: dict[str | None, dict[str, Any]] = {None: figures["overall"]}

@@ -408,3 +408,57 @@ def test_partial_studies_are_counted_and_can_be_left_out(session: Session) -> No
     assert fewer.figures["overall"]["n"] == every.figures["overall"]["n"] - 1
     assert fewer.figures["overall"]["partial"] == 1
     assert fewer.figures["overall"]["partial_excluded"] is True
+
+
+def _flagged_job(session: Session, root: Path) -> tuple[int, list[Any], dict[str, int]]:
+    """A job under `root` whose import manifest flags every fifth study with hardware."""
+    specs = [(f"test/XR_HAND/patientIMG{i:07d}/study1_{'positive' if i % 2 else 'negative'}",
+              "hand", i % 2, float(np.round(RNG.random() * 0.7 + 0.25 * (i % 2), 2)))
+             for i in range(40)]
+    hardware = {p: int(i % 5 == 1) for i, (p, *_) in enumerate(specs)}
+    root.mkdir()
+    with (root / "import_manifest.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image_id", "split", "body_part", "label", "group", "hardware",
+                         "multiscan", "path"])
+        for path, _, label, _ in specs:
+            writer.writerow([Path(path).parent.name, "test", "hand", label, "g",
+                             hardware[path], 0, f"{path}/image1.jpg"])
+    return make_job(session, specs=specs, root=str(root)), specs, hardware
+
+
+def test_breakdown_by_manifest_flags(session: Session, tmp_path: Path) -> None:
+    """`evaluate --by hardware`: figures for studies with and without a flag of the import
+    manifest, each equal to a direct computation on that subset."""
+    job_id, specs, hardware = _flagged_job(session, tmp_path / "fa")
+    result = evaluate_job(session=session, job_id=job_id, resamples=200, seed=1,
+                          by_flags=["hardware"], save=False)
+    by_flag = result.to_json()["by_flag"]["hardware"]
+    assert set(by_flag) == {"0", "1"}
+    for value in ("0", "1"):
+        chosen = [(label, score) for path, _, label, score in sorted(specs)
+                  if str(hardware[path]) == value]
+        expected = json_safe(metrics_with_ci([c[0] for c in chosen], [c[1] for c in chosen],
+                                             0.5, resamples=200, seed=1))
+        assert by_flag[value]["n"] == len(chosen) == expected["n"]
+        assert by_flag[value]["auroc"] == pytest.approx(expected["auroc"], nan_ok=True)
+        assert by_flag[value]["accuracy"] == pytest.approx(expected["accuracy"])
+    assert by_flag["1"]["n"] == 8 and result.to_json()["manifest"].endswith(
+        "import_manifest.csv")
+    from bonexray.evaluate import ManifestError
+    with pytest.raises(ManifestError, match="no column oblique; its flags: hardware, multiscan"):
+        evaluate_job(session=session, job_id=job_id, by_flags=["oblique"], save=False)
+    other = make_job(session, model_path="/m/other.onnx")  # ROOT has no manifest
+    with pytest.raises(ManifestError, match="no import_manifest.csv"):
+        evaluate_job(session=session, job_id=other, by_flags=["hardware"], save=False)
+
+
+def test_evaluate_command_breaks_down_by_flags(db_url: str, tmp_path: Path) -> None:
+    engine = open_database(db_url)
+    with session_scope(engine) as s:
+        job_id, _, _ = _flagged_job(s, tmp_path / "fa")
+    code, out, err = invoke("evaluate", str(job_id), "--resamples", "50", "--by", "hardware")
+    assert code == 0, err
+    assert "hardware=1" in out and "hardware=0" in out
+    code, out, err = invoke("evaluate", str(job_id), "--by", "oblique")
+    assert code == 2 and "ManifestError" in err and "Traceback" not in err

@@ -30,23 +30,44 @@ def _row(image_id: str, parts: tuple[str, ...], fractured: int) -> dict[str, str
 
 
 def make_fracatlas(root: Path) -> Path:
-    """A small FracAtlas copy: 40 leg (10 fractured), 20 hand (10), 5 mixed, and defects."""
+    """A small FracAtlas copy of 65 images in exams of 1 to 3 consecutive ids (one body
+    part and label each, parts alternating): 40 leg (10 fractured), 20 hand (10), 5 mixed;
+    the 61st image shows the very pixels of the 21st (a duplicate under another id, named
+    in duplicate_pair.txt); the dataset's defects (a truncated JPEG, a label conflict, a
+    missing and an unlisted file).
+    """
     rng = np.random.default_rng(0)
     rows: list[dict[str, str]] = []
-    plan: list[tuple[tuple[str, ...], int, int]] = [
-        (("leg",), 0, 30), (("leg",), 1, 10), (("hand",), 0, 10), (("hand",), 1, 10),
-        (("hand", "shoulder"), 1, 5),
-    ]
+    exams: list[tuple[tuple[str, ...], int, int]] = []
+    budget = {(("leg",), 0): 30, (("leg",), 1): 10, (("hand",), 0): 10, (("hand",), 1): 10,
+              (("hand", "shoulder"), 1): 5}
+    while any(budget.values()):
+        for key in budget:
+            take = min(budget[key], 3 - len(exams) % 3)
+            if take:
+                exams.append((key[0], key[1], take))
+                budget[key] -= take
     n = 0
-    for parts, fractured, count in plan:
-        for _ in range(count):
-            rows.append(_row(f"IMG{n:07d}.jpg", parts, fractured))
+    for number, (parts, fractured, size) in enumerate(exams):
+        if number and exams[number - 1][0] == parts:
+            n += 4  # ids left out between two exams of one body part (as in FracAtlas)
+        for _ in range(size):
+            row = _row(f"IMG{n:07d}.jpg", parts, fractured)
+            row["hardware"] = "1" if fractured and n % 4 == 0 else "0"
+            row["frontal"], row["lateral"] = ("1", "0") if n % 2 else ("0", "1")
+            rows.append(row)
             n += 1
     for folder in ("Fractured", "Non_fractured"):
         (root / "images" / folder).mkdir(parents=True)
+    original, copy = rows[20]["image_id"], rows[60]["image_id"]
+    (root / "duplicate_pair.txt").write_text(f"{original} {copy}\n")
+    pixels_of: dict[str, np.ndarray] = {}
     for row in rows:
         folder = "Fractured" if row["fractured"] == "1" else "Non_fractured"
         pixels = rng.integers(0, 255, size=(40, 30), dtype=np.uint8)
+        if row["image_id"] == copy:
+            pixels = pixels_of[original]
+        pixels_of[row["image_id"]] = pixels
         Image.fromarray(pixels).convert("RGB").save(root / "images" / folder / row["image_id"],
                                                      quality=90)
     # Defects, as in the real dataset: a truncated JPEG, a label that disagrees with the
@@ -63,6 +84,11 @@ def make_fracatlas(root: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return root
+
+
+def _manifest(out: Path) -> list[dict[str, str]]:
+    with (out / "import_manifest.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 @pytest.fixture(scope="module")
@@ -91,25 +117,71 @@ def test_import_writes_mura_layout_and_reports_defects(fracatlas: Path, tmp_path
     studies = find_studies(out)
     assert len(studies) == 65 - 3 == sum(report.studies.values())
     assert {s.body_part for s in studies} == {"leg", "hand", "mixed"}
+    manifest = {row["path"]: row for row in _manifest(out)}
     for s in studies:
         assert len(s.views) == 1 and s.views[0].endswith("/image1.jpg")
-        stem = Path(s.path).parent.name.removeprefix("patient")
-        assert s.path.endswith(f"study1_{'positive' if s.label else 'negative'}")
+        assert Path(s.path).name.endswith("positive" if s.label else "negative")
+        row = manifest[Path(s.views[0]).relative_to(out).as_posix()]
+        assert row["group"] == s.patient and row["split"] == s.split
         truth = (fracatlas / "images" / ("Fractured" if s.label else "Non_fractured")
-                 / f"{stem}.jpg")
+                 / row["image_id"])
         assert Path(s.views[0]).read_bytes() == truth.read_bytes()
-    # Stratified: 20% of every (body part, label) stratum is held out.
-    by = report.by_body_part
-    assert by["valid"]["leg"] == [round(0.2 * 27), 2]
-    assert by["valid"]["hand"] == [2, 2]
-    assert by["valid"]["mixed"] == [0, 1]
-    assert sum(by["train"]["leg"]) + sum(by["valid"]["leg"]) == 37
+    # Train, valid and test, each near its share of the images (whole groups move).
+    assert set(report.studies) == {"train", "valid", "test"}
+    assert 0.1 * 62 <= report.studies["valid"] <= 0.3 * 62
+    assert 0.1 * 62 <= report.studies["test"] <= 0.3 * 62
+    assert sum(report.groups.values()) == report.grouping["groups"]
+    assert all(report.abnormal[name] > 0 for name in report.studies)
+
+
+def test_likely_same_exam_images_stay_on_one_side(fracatlas: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mura"
+    report = import_fracatlas(fracatlas, out, seed=3, link="symlink")
+    rows = {row["image_id"]: row for row in _manifest(out)}
+    csv_rows = {r["image_id"]: r for r in csv.DictReader((fracatlas / "dataset.csv").open())}
+    ids = sorted(rows)
+    # Consecutive ids with the same body-part flags are one group (and so one side).
+    for a, b in zip(ids, ids[1:], strict=False):
+        same_parts = all(csv_rows[a][p] == csv_rows[b][p] for p in ("hand", "leg", "mixed"))
+        if same_parts and int(b[3:10]) - int(a[3:10]) <= 3:
+            assert rows[a]["group"] == rows[b]["group"], (a, b)
+    # A duplicate under a distant id joins its original's group; unrelated images do not.
+    original, copy = (fracatlas / "duplicate_pair.txt").read_text().split()
+    assert int(copy[3:10]) - int(original[3:10]) > 30
+    assert rows[copy]["group"] == rows[original]["group"]
+    assert report.grouping["near_duplicate_pairs"] == 1
+    example = report.grouping["near_duplicate_examples"][0]
+    assert (example["a"], example["b"]) == (original, copy) and example["correlation"] > 0.95
+    # No group straddles two splits; groups are many, not one per body part.
+    sides: dict[str, set[str]] = {}
+    for row in rows.values():
+        sides.setdefault(row["group"], set()).add(row["split"])
+    assert all(len(v) == 1 for v in sides.values())
+    assert 20 <= report.grouping["groups"] == len(sides) < 62
+    # Without grouping every image is its own group.
+    flat = import_fracatlas(fracatlas, tmp_path / "flat", seed=3, link="symlink", max_gap=0,
+                            near_duplicate=None)
+    assert flat.grouping["groups"] == 62 and flat.grouping["near_duplicate_pairs"] == 0
+
+
+def test_manifest_keeps_the_flags_and_the_report_counts_them(fracatlas: Path,
+                                                             tmp_path: Path) -> None:
+    out = tmp_path / "mura"
+    report = import_fracatlas(fracatlas, out, seed=1, link="symlink")
+    rows = _manifest(out)
+    csv_rows = {r["image_id"]: r for r in csv.DictReader((fracatlas / "dataset.csv").open())}
+    for row in rows:
+        for flag in ("hardware", "multiscan", "frontal", "lateral", "oblique"):
+            assert row[flag] == csv_rows[row["image_id"]][flag]
+    hardware = sum(int(r["hardware"]) for r in rows)
+    assert hardware > 0 and sum(f["hardware"] for f in report.flags.values()) == hardware
+    assert json.loads((out / "import_report.json").read_text())["flags"] == report.flags
 
 
 def test_split_depends_on_seed_only(fracatlas: Path, tmp_path: Path) -> None:
     def valid_ids(out: Path, seed: int) -> set[str]:
         import_fracatlas(fracatlas, out, seed=seed, link="symlink")
-        return {Path(s.path).parent.name for s in find_studies(out) if s.split == "valid"}
+        return {row["image_id"] for row in _manifest(out) if row["split"] == "valid"}
 
     a = valid_ids(tmp_path / "a", 1)
     assert a == valid_ids(tmp_path / "b", 1)
@@ -121,9 +193,9 @@ def test_split_depends_on_seed_only(fracatlas: Path, tmp_path: Path) -> None:
 def test_conflict_rules(fracatlas: Path, tmp_path: Path) -> None:
     import_fracatlas(fracatlas, tmp_path / "csv", conflicts="csv")
     import_fracatlas(fracatlas, tmp_path / "folder", conflicts="folder")
-    by_csv = {Path(s.path).parent.name: s.label for s in find_studies(tmp_path / "csv")}
-    by_folder = {Path(s.path).parent.name: s.label for s in find_studies(tmp_path / "folder")}
-    assert by_csv["patientIMG0000001"] == 0 and by_folder["patientIMG0000001"] == 1
+    by_csv = {r["image_id"]: r["label"] for r in _manifest(tmp_path / "csv")}
+    by_folder = {r["image_id"]: r["label"] for r in _manifest(tmp_path / "folder")}
+    assert by_csv["IMG0000001.jpg"] == "0" and by_folder["IMG0000001.jpg"] == "1"
 
 
 def test_refuses_what_is_not_fracatlas(tmp_path: Path, fracatlas: Path) -> None:
@@ -143,6 +215,10 @@ def test_cli_import(fracatlas: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "left out 1 unreadable" in result.output
     assert "1 with a CSV label that disagrees" in result.output
+    assert "likely-same-exam groups" in result.output and "test:" in result.output
+    bad_value = CliRunner().invoke(cli, ["import", "fracatlas", str(fracatlas),
+                                         str(tmp_path / "q"), "--near-duplicate", "high"])
+    assert bad_value.exit_code == 2 and "neither a correlation nor 'off'" in bad_value.output
     bad = CliRunner().invoke(cli, ["import", "fracatlas", str(tmp_path), str(tmp_path / "p")])
     assert bad.exit_code != 0 and "dataset.csv not found" in bad.output
     assert "Traceback" not in bad.output

@@ -21,7 +21,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from bonexray.imaging import DEFAULT_RESIZE, RESIZE_RULES
-from bonexray.metrics import choose_threshold, json_safe, metrics_by_group, study_scores
+from bonexray.metrics import (
+    bootstrap_ci,
+    choose_threshold,
+    json_safe,
+    metrics_by_group,
+    study_scores,
+)
 from bonexray.studies import Study, find_studies
 from bonexray.trainer.data import TrainAugment, ViewDataset, collate_views
 from bonexray.trainer.model import ARCHITECTURE, INITS, BoneXRayNet, parse_freeze
@@ -40,8 +46,8 @@ LOSS_WEIGHTS = ("body-part", "global", "none")
 # Settings a resumed run must share with the run it continues (epochs may grow).
 _RESUME_KEYS = ("data", "image_size", "batch_size", "lr", "weights", "seed", "rotation",
                 "flip", "head", "dropout", "batch_norm", "init", "resize", "freeze",
-                "schedule", "threshold", "loss_weights")
-_RESUME_DEFAULTS = {"loss_weights": "body-part"}
+                "schedule", "threshold", "loss_weights", "test")
+_RESUME_DEFAULTS = {"loss_weights": "body-part", "test": None}
 
 
 class TrainError(ValueError):
@@ -74,6 +80,7 @@ class TrainConfig:
     schedule: str = "auto"
     flip: bool = True
     loss_weights: str = "body-part"
+    test: str | None = None  # a folder of test studies; None: the layout's test/ split
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -147,30 +154,80 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def split_studies(studies: Sequence[Study], seed: int) -> tuple[list[Study], list[Study]]:
-    """Train and validation studies: the layout's own split, else 20% of patients."""
+@dataclass
+class Split:
+    """The studies each side of a run sees, and how they were chosen."""
+
+    train: list[Study]
+    valid: list[Study]
+    test: list[Study]
+    method: str  # "layout" (train/ valid/ folders) or "patients held out"
+    shared_patients: int = 0  # patients with studies on two sides (0 when split by patient)
+
+    def record(self, root: Path, seed: int) -> dict[str, Any]:
+        """What the checkpoint keeps: the rule, counts, and the validation and test study
+        folders (relative to the data folder where they lie under it)."""
+        def rel(s: Study) -> str:
+            path = Path(s.path)
+            return path.relative_to(root).as_posix() if path.is_relative_to(root) else s.path
+
+        return {"method": self.method, "seed": seed, "data": str(root),
+                "train_studies": len(self.train), "train_patients": _patients(self.train),
+                "valid": [rel(s) for s in self.valid], "test": [rel(s) for s in self.test],
+                "shared_patients": self.shared_patients}
+
+
+def _patient_key(s: Study) -> str:
+    """A study's patient: the layout's patient folder, else the study itself."""
+    return s.patient if s.patient is not None else s.path
+
+
+def _patients(studies: Sequence[Study]) -> int:
+    return len({_patient_key(s) for s in studies})
+
+
+def split_studies(studies: Sequence[Study], seed: int,
+                  test: Sequence[Study] = ()) -> Split:
+    """Train, validation and test studies.
+
+    validation: the layout's valid/ split, else 20% of patients (whole patients held out,
+    seeded). test: `test` when given (e.g. from --test DIR), else the layout's test/ split;
+    it is never trained or validated on. A patient on two sides of a layout's own split is
+    warned about (MURA splits by patient: a leak would inflate every figure).
+    """
     labelled = [s for s in studies if s.label is not None and s.views]
     skipped = len(studies) - len(labelled)
     if skipped:
         log.warning("skipping %d studies without a label or without views", skipped)
+    held_test = list(test) if test else [s for s in labelled if s.split == "test"]
     valid = [s for s in labelled if s.split == "valid"]
     train = [s for s in labelled if s.split in ("train", None)]
-    if valid:
-        return train, valid
-    # No valid split on disk: hold out whole patients, so no patient is on both sides.
-    def patient_key(s: Study) -> str:
-        return s.patient if s.patient is not None else s.path
+    overlap = {s.path for s in held_test} & {s.path for s in train + valid}
+    if overlap:
+        raise TrainError(f"{len(overlap)} test studies are also train or validation studies "
+                         f"(e.g. {sorted(overlap)[0]})")
+    method = "layout"
+    if not valid:
+        # No valid split on disk: hold out whole patients, so no patient is on both sides.
+        def rank(p: str) -> str:
+            return hashlib.sha256(f"{seed}:{p}".encode()).hexdigest()
 
-    def rank(p: str) -> str:
-        return hashlib.sha256(f"{seed}:{p}".encode()).hexdigest()
-
-    patients = sorted({patient_key(s) for s in train}, key=rank)
-    n_valid = max(1, round(VALID_FRACTION * len(patients))) if len(patients) > 1 else 0
-    held = set(patients[:n_valid])
-    log.info("no valid split under the data; holding out %d of %d patients", n_valid,
-             len(patients))
-    return ([s for s in train if patient_key(s) not in held],
-            [s for s in train if patient_key(s) in held])
+        patients = sorted({_patient_key(s) for s in train}, key=rank)
+        n_valid = max(1, round(VALID_FRACTION * len(patients))) if len(patients) > 1 else 0
+        held = set(patients[:n_valid])
+        log.info("no valid split under the data; holding out %d of %d patients", n_valid,
+                 len(patients))
+        valid = [s for s in train if _patient_key(s) in held]
+        train = [s for s in train if _patient_key(s) not in held]
+        method = "patients held out"
+    sides = [{s.patient for s in side if s.patient is not None}
+             for side in (train, valid, held_test)]
+    shared = (sides[0] & sides[1]) | (sides[0] & sides[2]) | (sides[1] & sides[2])
+    if shared:
+        log.warning("%d patients have studies on two sides of the split (e.g. patient%s): "
+                    "figures may be optimistic; split by patient", len(shared),
+                    sorted(shared)[0])
+    return Split(train, valid, held_test, method, len(shared))
 
 
 def class_weights(dataset: ViewDataset, how: str = "body-part") -> torch.Tensor:
@@ -455,7 +512,15 @@ def train(config: TrainConfig, *, resume: bool = False,
         state = torch.load(last, map_location="cpu", weights_only=True)
         _check_resumable(state.get("config") or {}, config, last)
 
-    train_studies, valid_studies = split_studies(find_studies(data), config.seed)
+    test_given: list[Study] = []
+    if config.test is not None:
+        test_root = Path(config.test).expanduser().resolve()
+        config = dataclasses.replace(config, test=str(test_root))
+        test_given = [s for s in find_studies(test_root) if s.label is not None and s.views]
+        if not test_given:
+            raise TrainError(f"--test {test_root}: no labelled study with views")
+    split = split_studies(find_studies(data), config.seed, test_given)
+    train_studies, valid_studies = split.train, split.valid
     if not train_studies or not valid_studies:
         raise TrainError(
             f"{data}: need labelled studies for training and validation, found "
@@ -468,8 +533,10 @@ def train(config: TrainConfig, *, resume: bool = False,
     if len(train_set) == 0 or len(valid_set) == 0:
         raise TrainError(f"{data}: no readable views ({len(train_set)} train, "
                          f"{len(valid_set)} valid)")
-    log.info("training on %d views of %d studies, validating on %d views of %d studies, %s",
-             len(train_set), len(train_studies), len(valid_set), len(valid_studies), device)
+    log.info("training on %d views of %d studies, validating on %d views of %d studies "
+             "(%s), %d test studies kept for the end, %s", len(train_set), len(train_studies),
+             len(valid_set), len(valid_studies), split.method, len(split.test), device)
+    split_record = split.record(data, config.seed)
     weights = class_weights(train_set, config.loss_weights)
     shuffle_rng = torch.Generator()
     train_loader = _loader(train_set, config, shuffle=True, batch_size=config.batch_size,
@@ -554,6 +621,7 @@ def train(config: TrainConfig, *, resume: bool = False,
             "best_epoch": best_epoch,
             "best_auroc": None if best_key == -math.inf else best_key,
             "best_metrics": best_metrics,
+            "split": split_record,
             "rng": torch.get_rng_state(),
         }
         _save(out / "last.pt", payload)
@@ -561,7 +629,12 @@ def train(config: TrainConfig, *, resume: bool = False,
             _save(out / "best.pt", payload)
             log.info("epoch %d is the best so far (valid AUROC %.4f)", epoch + 1, auroc)
         write_history(out, history)
+    test_metrics = None
+    if split.test and (out / "best.pt").is_file():
+        test_metrics = score_test(out / "best.pt", model, split.test, config, device)
     return json_safe({
+        "test_metrics": test_metrics,
+        "split": {k: v if not isinstance(v, list) else len(v) for k, v in split_record.items()},
         "best_epoch": best_epoch,
         "best_auroc": best_metrics.get("auroc"),
         "best_metrics": best_metrics,
@@ -575,3 +648,34 @@ def train(config: TrainConfig, *, resume: bool = False,
         "history": str(out / "history.json"),
         "curves": str(out / "curves.png"),
     })
+
+
+def score_test(best_path: Path, model: nn.Module, studies: Sequence[Study],
+               config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Score the test studies once, at the end, with the chosen epoch's weights and its
+    threshold (a number fixed on validation); write them into best.pt and test.json."""
+    best = torch.load(best_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(best["model"])
+    dataset = ViewDataset(studies, image_size=config.image_size, resize=config.resize)
+    if len(dataset) == 0:
+        log.warning("no test view can be read; no test figures")
+        return {}
+    loader = _loader(dataset, dataclasses.replace(config, workers=min(config.workers, 1)),
+                     shuffle=False, batch_size=config.batch_size * 2)
+    threshold = float(best["threshold"])
+    pred = predict_studies(model, loader, dataset, device)
+    grouped = metrics_by_group(pred["labels"], pred["scores"], pred["parts"], threshold)
+    intervals = bootstrap_ci(pred["labels"], pred["scores"], threshold, seed=config.seed)
+    metrics = json_safe({**grouped["overall"], "loss": pred["loss"], "views": pred["views"],
+                         "threshold": threshold, "epoch": best["epoch"],
+                         "ci95": {k: list(v) for k, v in intervals.items()},
+                         "by_body_part": grouped["by_group"]})
+    best["test_metrics"] = metrics
+    _save(best_path, best)
+    (best_path.parent / "test.json").write_text(json.dumps(
+        {**metrics, "scores": pred["scores"], "labels": pred["labels"]}, indent=1,
+        allow_nan=False))
+    log.info("test (scored once, epoch %d, threshold %.3g): AUROC %.4f [%.4f, %.4f], kappa "
+             "%.4f, accuracy %.4f on %d studies", best["epoch"], threshold, metrics["auroc"],
+             *intervals["auroc"], metrics["kappa"], metrics["accuracy"], metrics["n"])
+    return metrics

@@ -154,12 +154,32 @@ def test_dataset_drops_unreadable_views(tmp_path: Path, caplog: pytest.LogCaptur
 
 def test_split_by_patient_when_no_valid_split(tmp_path: Path) -> None:
     root = make_mura(tmp_path / "d", patients=5, splits=("train",))
-    train_s, valid_s = split_studies(find_studies(root), seed=0)
-    assert valid_s and train_s
+    split = split_studies(find_studies(root), seed=0)
+    train_s, valid_s = split.train, split.valid
+    assert valid_s and train_s and split.method == "patients held out"
     assert not {s.patient for s in train_s} & {s.patient for s in valid_s}
     assert len({s.patient for s in valid_s}) == 2  # 20% of 10 patients
     again = split_studies(find_studies(root), seed=0)
-    assert [s.path for s in again[1]] == [s.path for s in valid_s]
+    assert [s.path for s in again.valid] == [s.path for s in valid_s]
+
+
+def test_layout_split_keeps_test_apart_and_names_shared_patients(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_mura(tmp_path / "d", patients=2, splits=("train", "valid", "test"))
+    split = split_studies(find_studies(root), seed=0)
+    assert split.method == "layout" and split.shared_patients == 0
+    assert {s.split for s in split.test} == {"test"} and len(split.test) == 8
+    assert {s.split for s in split.train} == {"train"}
+    assert {s.split for s in split.valid} == {"valid"}
+    # A patient folder copied into valid/ (a leaking layout) is counted and warned about.
+    leaked = next((root / "train" / "XR_WRIST").iterdir())
+    import shutil
+    shutil.copytree(leaked, root / "valid" / "XR_WRIST" / leaked.name)
+    with caplog.at_level(logging.WARNING):
+        split = split_studies(find_studies(root), seed=0)
+    assert split.shared_patients == 1
+    assert f"1 patients have studies on two sides of the split (e.g. {leaked.name}" \
+        in caplog.text
 
 
 def test_class_weights_follow_mura(tmp_path: Path) -> None:
@@ -258,6 +278,38 @@ def test_train_one_short_epoch(mura: Path, tmp_path: Path) -> None:
     model.load_state_dict(ckpt["model"])
     ckpt_last = torch.load(out / "last.pt", weights_only=True)
     assert "state" in ckpt_last["optimizer"] and ckpt_last["scheduler"]
+    # The split is recorded: how it was made and which studies validated the run.
+    assert ckpt["split"]["method"] == "layout" and len(ckpt["split"]["valid"]) == 12
+    assert all(p.startswith("valid/") for p in ckpt["split"]["valid"])
+    assert ckpt["split"]["test"] == [] and summary["test_metrics"] is None
+
+
+def test_test_split_is_scored_once_with_the_chosen_epoch_and_threshold(
+        tmp_path: Path) -> None:
+    data = make_mura(tmp_path / "d", patients=2, splits=("train", "valid", "test"))
+    out = tmp_path / "run"
+    summary = train(TrainConfig(data=str(data), out=str(out), epochs=2, image_size=48,
+                                batch_size=4, max_steps=2, workers=0, threshold="youden"))
+    best = torch.load(out / "best.pt", weights_only=True)
+    tested = best["test_metrics"]
+    assert tested == summary["test_metrics"]
+    assert tested["n"] == 8 and tested["epoch"] == best["epoch"] == summary["best_epoch"]
+    # The threshold is the one chosen on validation, applied as a number, not re-tuned.
+    assert tested["threshold"] == best["threshold"]
+    written = json.loads((out / "test.json").read_text())
+    assert len(written["scores"]) == 8 and written["labels"].count(1) == 4
+    # Recomputing from the written scores gives the reported figures: nothing re-chose.
+    from bonexray.metrics import binary_metrics
+    again = binary_metrics(written["labels"], written["scores"], best["threshold"])
+    assert again["accuracy"] == pytest.approx(tested["accuracy"])
+    assert len(tested["ci95"]["auroc"]) == 2
+    assert len(best["split"]["test"]) == 8 and best["split"]["train_studies"] == 8
+    # The history (validation every epoch) never saw the test studies.
+    assert all(h["valid"]["n"] == 8 for h in json.loads((out / "history.json").read_text()))
+    # --test DIR: another folder is the test set; overlapping train data is refused.
+    with pytest.raises(TrainError, match="test studies are also train or validation"):
+        train(TrainConfig(data=str(data), out=str(tmp_path / "r2"), epochs=1, image_size=48,
+                          batch_size=4, max_steps=1, workers=0, test=str(data / "train")))
 
 
 def test_train_refuses_data_without_studies(tmp_path: Path) -> None:
