@@ -313,17 +313,27 @@ def _fmt(value: Any) -> str:
                    "against fp32 on the validation split.")
 @click.option("--opset", default=17, show_default=True)
 @click.option("--atol", default=1e-4, show_default=True,
-              help="Parity tolerance on probabilities against PyTorch (fp32 graph).")
+              help="Parity tolerance on probabilities against PyTorch (fp32 graph); logits "
+                   "and the CAM get 10x atol plus 1e-4 of their value.")
 @click.option("--cam", is_flag=True,
-              help="Add a `cam` output: the head at every position of the last feature map.")
+              help="Add a `cam` output whose spatial mean is the logit: MURA's CAM for a "
+                   "linear head, the head linearised at the pooled features otherwise.")
 @click.option("--calibration", type=click.Path(exists=True, file_okay=False), default=None,
               help="int8: calibrate on the views under DIR (default: the checkpoint's "
                    "training split).")
 @click.option("--calibration-images", type=click.IntRange(min=1), default=None,
               help="int8: views drawn for calibration (default 128).")
 @click.option("--validation", type=click.Path(exists=True, file_okay=False), default=None,
-              help="fp16/int8: labelled studies to judge on (default: the checkpoint's "
-                   "validation split).")
+              help="Labelled studies (default: the checkpoint's validation split): real "
+                   "views for the parity gate, an ensemble's own threshold, fp16/int8 "
+                   "judging.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.98, show_default=True,
+              help="fp16/int8: least share of validation studies whose decision matches "
+                   "fp32's (enforced at any study count).")
+@click.option("--max-score-change", type=click.FloatRange(0, 1), default=0.05,
+              show_default=True,
+              help="fp16/int8: largest change of a study score against fp32 (enforced at "
+                   "any study count).")
 @click.option("--aggregation", type=click.Choice(["mean", "max"]), default="mean",
               show_default=True, help="How workers combine a study's view probabilities "
                                       "(stored in the model's metadata; MURA: mean).")
@@ -331,26 +341,31 @@ def _fmt(value: Any) -> str:
 @user_errors
 def export(checkpoints: tuple[str, ...], out: str, precision: str, opset: int, atol: float,
            cam: bool, calibration: str | None, calibration_images: int | None,
-           validation: str | None, aggregation: str, as_json: bool) -> None:
+           validation: str | None, min_agreement: float, max_score_change: float,
+           aggregation: str, as_json: bool) -> None:
     """Export CHECKPOINTS to one ONNX file (uint8 input, metadata), gated by parity with
     PyTorch; several checkpoints make an ensemble that averages their probabilities."""
     from bonexray.export.onnx import export_model
 
     report = export_model(list(checkpoints), out, opset=opset, atol=atol, precision=precision,
                           cam=cam, calibration=calibration, validation=validation,
-                          calibration_images=calibration_images, aggregation=aggregation)
+                          calibration_images=calibration_images, aggregation=aggregation,
+                          min_agreement=min_agreement, max_score_change=max_score_change)
     for line in report["warnings"]:
         log.warning("%s", line)
     if as_json:
         click.echo(json.dumps(report, default=str))
         return
     diffs = [p["max_abs_diff"] for p in report["parity"]]
+    logit_diffs = [p["abnormal_logit_max_abs_diff"] for p in report["parity"]]
+    inputs = sorted({p["input"] for p in report["parity"]})
     meta = report["metadata"]
     members = f"ensemble of {report['members']}, " if report["members"] > 1 else ""
     if precision == "fp32":
-        parity = f"parity max |diff| {max(diffs):.1e} <= atol {atol:g}"
+        parity = (f"parity on {' and '.join(inputs)}: max |diff| {max(diffs):.1e} "
+                  f"(probability), {max(logit_diffs):.1e} (logit)")
     else:
-        parity = f"max |diff| to PyTorch {max(diffs):.1e}"
+        parity = f"max |diff| to PyTorch {max(diffs):.1e} (logit {max(logit_diffs):.1e})"
     click.echo(f"wrote {report['path']} ({report['bytes'] / 1e6:.1f} MB, sha256 "
                f"{report['sha256'][:12]}…): {members}{meta['architecture']} {precision}, "
                f"{meta['input_size']} px, threshold {meta['threshold']}"
@@ -367,7 +382,10 @@ def export(checkpoints: tuple[str, ...], out: str, precision: str, opset: int, a
                    f" -> {fig(check['auroc'])} ({'n/a' if delta is None else f'{delta:+.4f}'};"
                    f" bound {check['bound']}"
                    f"{'' if check['enforced'] else ', not enforced on so few'}); decisions "
-                   f"agree on {check['decision_agreement']:.1%}")
+                   f"agree on {check['decision_agreement']:.1%} (>= "
+                   f"{check['min_agreement']:.0%}), largest score change "
+                   f"{check['max_abs_score_diff']:.3g} (<= {check['max_score_change']:g})")
+    click.echo(f"threshold: {meta.get('threshold_source', '')}")
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -1012,6 +1030,19 @@ def models_add(file: str, name: str | None, database_url: str | None, as_json: b
                f"{meta.get('threshold')}; {model.path}{note}")
 
 
+def validated_on(meta: dict[str, Any]) -> str:
+    """The provider a model file was checked on (its metadata's validated_on), short."""
+    raw = meta.get("validated_on")
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return raw
+    if not isinstance(raw, dict):
+        return "unknown"
+    return str(raw.get("provider", "unknown")).removesuffix("ExecutionProvider")
+
+
 @models.command("list")
 @db_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
@@ -1032,15 +1063,17 @@ def models_list(database_url: str | None, fmt: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} registered models")
-    for column in ("name", "sha256", "architecture", "precision", "px", "threshold",
-                   "registered", "path"):
-        table.add_column(column, overflow="fold")
+    for column in ("name", "sha256", "architecture", "precision", "validated on", "px",
+                   "threshold", "registered", "path"):
+        table.add_column(column, overflow="fold", no_wrap=column != "path")
     for r in rows:
         meta = r["metadata"]
         table.add_row(r["name"], r["sha256"][:16], str(meta.get("architecture", "")),
-                      str(meta.get("precision", "fp32")), str(meta.get("input_size", "")),
-                      str(meta.get("threshold", "")), (r["created_at"] or "")[:19], r["path"])
-    Console().print(table)
+                      str(meta.get("precision", "fp32")), validated_on(meta),
+                      str(meta.get("input_size", "")), str(meta.get("threshold", "")),
+                      (r["created_at"] or "")[:19], r["path"])
+    # Nine columns need ~120 characters; wider than a default pipe's 80.
+    Console(width=max(120, Console().width)).print(table)
 
 
 # ---------------------------------------------------------------------------- db

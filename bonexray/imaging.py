@@ -178,17 +178,26 @@ def resize_gray(pixels: np.ndarray, size: int, rule: str = DEFAULT_RESIZE) -> np
         if (w, h) != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         return np.asarray(img, dtype=np.uint8)
-    scale = size / max(w, h)
-    new_w = max(1, min(size, round(w * scale)))
-    new_h = max(1, min(size, round(h * scale)))
+    top, left, new_h, new_w = content_box(h, w, size, rule)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
     if (new_w, new_h) == (size, size):
         return np.asarray(img, dtype=np.uint8)
     out = np.zeros((size, size), dtype=np.uint8)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
     out[top : top + new_h, left : left + new_w] = np.asarray(img, dtype=np.uint8)
     return out
+
+
+def content_box(height: int, width: int, size: int,
+                rule: str = DEFAULT_RESIZE) -> tuple[int, int, int, int]:
+    """Where a height x width view lies in the size x size model input: (top, left,
+    rows, columns). letterbox pads around it; stretch fills the input."""
+    if rule == "stretch":
+        return 0, 0, size, size
+    scale = size / max(width, height)
+    new_w = max(1, min(size, round(width * scale)))
+    new_h = max(1, min(size, round(height * scale)))
+    return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
 
 
 def load_view(path: str | Path, size: int, rule: str = DEFAULT_RESIZE, *,

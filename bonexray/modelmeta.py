@@ -12,6 +12,9 @@ FORMAT_VERSION = "1"
 INPUT_NAME = "pixels"  # uint8 [N, 1, H, W]
 OUTPUT_PROB = "abnormal_prob"  # float32 [N]
 OUTPUT_CAM = "cam"  # float32 [N, h, w], optional
+# float32 [N]: the logit behind abnormal_prob (an ensemble: its members' mean logit). The
+# parity gate compares it, as probabilities saturate at 0 and 1 where logits still differ.
+OUTPUT_LOGIT = "abnormal_logit"
 PRECISIONS = ("fp32", "fp16", "int8")  # fp16 for GPU workers, int8 (static QDQ) for CPU ones
 
 # Keys every bonexray model carries; a worker refuses a model without them.

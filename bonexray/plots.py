@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from bonexray.imaging import content_box
 from bonexray.metrics import roc_curve
 
 if TYPE_CHECKING:
@@ -172,20 +173,61 @@ def colorize(cam: np.ndarray) -> np.ndarray:
     return rgb.round().astype(np.uint8)
 
 
-def overlay_cam(view: np.ndarray, cam: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
-    """uint8 RGB [S, S, 3]: the grayscale view with its CAM, scaled per view to 0..1 and
-    upsampled bilinearly to the view's size, blended over it."""
+def overlay_cam(view: np.ndarray, cam: np.ndarray, *, input_size: int | None = None,
+                resize: str = "letterbox", score: float | None = None,
+                threshold: float | None = None, alpha: float = 0.45) -> np.ndarray:
+    """uint8 RGB [H, W, 3] at the view's own resolution: the grayscale view with its CAM
+    blended over it, on one fixed scale for every view, and the score written on it.
+
+    The CAM is on the logit scale (its spatial mean is the view's logit); each cell is
+    shown as sigmoid(cell), so 0.5 (a logit of 0) is the middle of the ramp whatever the
+    view: a normal view stays cool instead of getting a hot spot of its own, as per-view
+    min-max scaling gave. The map covers the model's input; only the part where the view
+    lies (not the letterbox padding) is stretched over the view.
+    """
     cam = np.asarray(cam, dtype=np.float32)
     if cam.ndim != 2:
         raise ValueError(f"expected a [h, w] class activation map, got shape {cam.shape}")
-    low, high = float(np.nanmin(cam)), float(np.nanmax(cam))
-    unit = (cam - low) / (high - low) if high > low else np.zeros_like(cam)
-    size = (view.shape[1], view.shape[0])
-    upsampled = np.asarray(Image.fromarray(unit.astype(np.float32))
-                           .resize(size, Image.Resampling.BILINEAR))
+    height, width = view.shape[:2]
+    size = input_size or max(height, width)
+    unit = 1.0 / (1.0 + np.exp(-np.clip(np.nan_to_num(cam), -30.0, 30.0)))
+    full = Image.fromarray(unit.astype(np.float32)).resize((size, size),
+                                                           Image.Resampling.BILINEAR)
+    top, left, rows, cols = content_box(height, width, size, resize)
+    on_view = full.crop((left, top, left + cols, top + rows)).resize(
+        (width, height), Image.Resampling.BILINEAR)
     gray = np.repeat(view[..., None].astype(np.float64), 3, axis=2)
-    blended = (1 - alpha) * gray + alpha * colorize(upsampled).astype(np.float64)
-    return blended.round().clip(0, 255).astype(np.uint8)
+    blended = (1 - alpha) * gray + alpha * colorize(np.asarray(on_view)).astype(np.float64)
+    image = blended.round().clip(0, 255).astype(np.uint8)
+    if score is not None:
+        image = _write_score(image, score, threshold)
+    return image
+
+
+def score_caption(score: float, threshold: float | None) -> str:
+    if threshold is None:
+        return f"abnormal p={score:.3f}"
+    verdict = "abnormal" if score >= threshold else "normal"
+    return f"{verdict} p={score:.3f} (threshold {threshold:.3g})"
+
+
+def _write_score(image: np.ndarray, score: float, threshold: float | None) -> np.ndarray:
+    """The caption in white on a black band across the top-left, scaled to the view."""
+    from PIL import ImageDraw, ImageFont
+
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    height = max(10, min(canvas.height // 12, 48))
+    try:
+        font: Any = ImageFont.load_default(size=height)
+    except TypeError:  # Pillow without FreeType sizes
+        font = ImageFont.load_default()
+    text = score_caption(score, threshold)
+    box = draw.textbbox((0, 0), text, font=font)
+    pad = max(2, height // 5)
+    draw.rectangle((0, 0, box[2] + 2 * pad, box[3] + 2 * pad), fill=(0, 0, 0))
+    draw.text((pad, pad), text, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
 
 
 def heatmap_name(view_path: str, root: str) -> str:
@@ -200,9 +242,12 @@ def heatmap_name(view_path: str, root: str) -> str:
 def write_heatmaps(*, model_path: str, expected_sha256: str | None, views: Sequence[str],
                    root: str, out_dir: str | Path, batch_size: int = 8) -> dict[str, Any]:
     """Run the model on `views` and write an overlay PNG of its `cam` output for each one
-    under `out_dir` (paths mirror the job's tree). Views that cannot be decoded are
+    under `out_dir` (paths mirror the job's tree), at the view's own resolution, with its
+    score written on it (and in the PNG's text chunks). Views that cannot be decoded are
     listed, not fatal. Returns {"written": [paths], "failed": {view: error}}."""
-    from bonexray.imaging import ImageError, load_view
+    from PIL.PngImagePlugin import PngInfo
+
+    from bonexray.imaging import ImageError, decode_gray, resize_gray
     from bonexray.modelmeta import INPUT_NAME, OUTPUT_CAM, OUTPUT_PROB
     from bonexray.settings import get_settings
     from bonexray.worker.inference import Classifier
@@ -217,23 +262,31 @@ def write_heatmaps(*, model_path: str, expected_sha256: str | None, views: Seque
     out = Path(out_dir)
     written: list[str] = []
     failed: dict[str, str] = {}
-    loaded: list[tuple[str, np.ndarray]] = []
-    for view in views:
-        try:
-            loaded.append((view, load_view(view, size, rule)))
-        except (ImageError, OSError) as exc:
-            failed[view] = str(exc)
-    for start in range(0, len(loaded), batch_size):
-        batch = loaded[start:start + batch_size]
-        pixels = np.stack([p for _, p in batch])[:, None, :, :]
-        _, cams = classifier.session.run([OUTPUT_PROB, OUTPUT_CAM], {INPUT_NAME: pixels})
+    threshold = classifier.info.threshold
+    for start in range(0, len(views), batch_size):
+        batch: list[tuple[str, np.ndarray]] = []
+        for view in views[start:start + batch_size]:
+            try:
+                batch.append((view, decode_gray(view)))
+            except (ImageError, OSError) as exc:
+                failed[view] = str(exc)
+        if not batch:
+            continue
+        pixels = np.stack([resize_gray(p, size, rule) for _, p in batch])[:, None, :, :]
+        probs, cams = classifier.session.run([OUTPUT_PROB, OUTPUT_CAM], {INPUT_NAME: pixels})
         cams = np.asarray(cams, dtype=np.float32)
         if cams.ndim == 4 and cams.shape[1] == 1:
             cams = cams[:, 0]
-        for (view, gray), cam in zip(batch, cams, strict=True):
+        for (view, gray), cam, prob in zip(batch, cams, probs, strict=True):
             target = out / heatmap_name(view, root)
             target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(overlay_cam(gray, cam)).save(target, format="PNG")
+            info = PngInfo()
+            info.add_text("bonexray_score", f"{float(prob):.6f}")
+            info.add_text("bonexray_caption", score_caption(float(prob), threshold))
+            info.add_text("bonexray_cam_scale", "sigmoid(cam): 0 blue, 0.5 cyan-yellow, 1 red")
+            Image.fromarray(overlay_cam(gray, cam, input_size=size, resize=rule,
+                                        score=float(prob), threshold=threshold)
+                            ).save(target, format="PNG", pnginfo=info)
             written.append(str(target))
     log.info("wrote %d heatmaps to %s (%d views failed)", len(written), out, len(failed))
     return {"written": written, "failed": failed}

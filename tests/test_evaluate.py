@@ -306,13 +306,17 @@ CAM_POOL = 8
 
 
 def write_cam_model(path: Path, size: int = 64) -> str:
-    """A bonexray model with a `cam` output: the mean brightness of each 8x8 patch."""
+    """A bonexray model with a `cam` output on the logit scale, as exports have: each 8x8
+    patch's mean brightness mapped to -6 (black) .. +6 (white); the probability is the
+    sigmoid of the map's mean."""
     nodes = [
         helper.make_node("Cast", [INPUT_NAME], ["x"], to=TensorProto.FLOAT),
         helper.make_node("Mul", ["x", "inv255"], ["unit"]),
-        helper.make_node("ReduceMean", ["unit"], ["mean"], axes=[1, 2, 3], keepdims=0),
+        helper.make_node("Sub", ["unit", "half"], ["centred"]),
+        helper.make_node("Mul", ["centred", "twelve"], ["logits"]),
+        helper.make_node("ReduceMean", ["logits"], ["mean"], axes=[1, 2, 3], keepdims=0),
         helper.make_node("Sigmoid", ["mean"], [OUTPUT_PROB]),
-        helper.make_node("AveragePool", ["unit"], ["pooled"], kernel_shape=[CAM_POOL] * 2,
+        helper.make_node("AveragePool", ["logits"], ["pooled"], kernel_shape=[CAM_POOL] * 2,
                          strides=[CAM_POOL] * 2),
         helper.make_node("Squeeze", ["pooled", "axis1"], [OUTPUT_CAM]),
     ]
@@ -323,6 +327,8 @@ def write_cam_model(path: Path, size: int = 64) -> str:
         [helper.make_tensor_value_info(OUTPUT_PROB, TensorProto.FLOAT, ["N"]),
          helper.make_tensor_value_info(OUTPUT_CAM, TensorProto.FLOAT, ["N", h, h])],
         initializer=[helper.make_tensor("inv255", TensorProto.FLOAT, [], [1 / 255]),
+                     helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
+                     helper.make_tensor("twelve", TensorProto.FLOAT, [], [12.0]),
                      helper.make_tensor("axis1", TensorProto.INT64, [1], [1])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -339,14 +345,20 @@ def write_cam_model(path: Path, size: int = 64) -> str:
 
 
 def test_heatmaps_overlay_the_cam(db_url: str, tmp_path: Path) -> None:
+    """Overlays at each view's own resolution (the letterbox padding not painted), on one
+    fixed scale (a dark, normal view gets no hot spot), with the score written on them."""
     root = tmp_path / "archive"
     views = {}
-    for name, corner in (("XR_HAND/p1/study1_positive", (0, 0)),
-                         ("XR_HAND/p2/study1_negative", (40, 40))):
+    # (study, view size h x w, bright patch rows, columns)
+    plans = {"XR_HAND/p1/study1_positive": ((64, 64), (0, 24), (0, 24)),
+             "XR_HAND/p2/study1_negative": ((80, 160), (20, 60), (120, 160)),
+             "XR_HAND/p3/study1_negative": ((64, 64), None, None)}
+    for name, (shape, rows, cols) in plans.items():
         folder = root / name
         folder.mkdir(parents=True)
-        pixels = np.zeros((64, 64), dtype=np.uint8)
-        pixels[corner[0]:corner[0] + 24, corner[1]:corner[1] + 24] = 255
+        pixels = np.full(shape, 10, dtype=np.uint8)
+        if rows is not None and cols is not None:
+            pixels[rows[0]:rows[1], cols[0]:cols[1]] = 255
         Image.fromarray(pixels).save(folder / "image1.png")
         Image.fromarray(pixels).save(folder / "image2.png")
         views[name] = [str(folder / "image1.png"), str(folder / "image2.png")]
@@ -360,17 +372,36 @@ def test_heatmaps_overlay_the_cam(db_url: str, tmp_path: Path) -> None:
     code, out, err = invoke("results", str(job_id), "--format", "json", "--heatmaps",
                             str(out_dir))
     assert code == 0, err
-    assert len(json.loads(out)) == 2  # stdout stays JSON
-    assert "heatmaps: 3 written" in err and "1 views could not be read" in err
-    first = np.asarray(Image.open(out_dir / "XR_HAND/p1/study1_positive/image1_cam.png"))
+    assert len(json.loads(out)) == 3  # stdout stays JSON
+    assert "heatmaps: 5 written" in err and "1 views could not be read" in err
+
+    def heat(name: str) -> tuple[np.ndarray, dict[str, str]]:
+        with Image.open(out_dir / name) as img:
+            return np.asarray(img.convert("RGB")).astype(int), dict(img.text)
+
+    first, text = heat("XR_HAND/p1/study1_positive/image1_cam.png")
     assert first.shape == (64, 64, 3)
     # Bright patch top-left: hot (red over the gray) there, cold (blue) in the far corner.
-    hot = first.astype(int)
-    assert hot[8, 8, 0] - hot[8, 8, 2] > 80
+    assert first[20, 12, 0] - first[20, 12, 2] > 80
     assert first[56, 56, 2] > first[56, 56, 0]
-    second = np.asarray(Image.open(out_dir / "XR_HAND/p2/study1_negative/image1_cam.png"))
-    assert int(second[52, 52, 0]) - int(second[52, 52, 2]) > 80
-    assert second[8, 8, 2] > second[8, 8, 0]
+    assert float(text["bonexray_score"]) == pytest.approx(
+        1 / (1 + np.exp(-((24 * 24 * 245 + 64 * 64 * 10) / 64 / 64 / 255 - 0.5) * 12)),
+        abs=1e-3)
+    assert text["bonexray_caption"].startswith("normal p=")  # the caption burnt in
+    # The caption is written on the image: a black band with white text, top-left.
+    band = first[:8, :40]
+    assert (band.max(axis=2) < 30).mean() > 0.3 and (band.min(axis=2) > 200).any()
+    # A wide view keeps its size; its right-hand patch is hot, its left side cold, and no
+    # row is left without the view's own gray (the padding was not painted over it).
+    wide, _ = heat("XR_HAND/p2/study1_negative/image1_cam.png")
+    assert wide.shape == (80, 160, 3)
+    assert wide[40, 140, 0] - wide[40, 140, 2] > 80
+    assert wide[70, 20, 2] > wide[70, 20, 0]
+    # One fixed scale: the dark view is cold everywhere (per-view min-max scaling would
+    # have made its least dark cell red).
+    dark, _ = heat("XR_HAND/p3/study1_negative/image1_cam.png")
+    below_caption = dark[20:]
+    assert (below_caption[..., 0] - below_caption[..., 2] < 0).all()
     assert not (out_dir / "XR_HAND/p2/study1_negative/image2_cam.png").exists()
     # Only the selected studies.
     code, _, err = invoke("results", str(job_id), "--path", "p1/", "--heatmaps",

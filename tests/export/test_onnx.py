@@ -13,7 +13,7 @@ import torch
 from bonexray.export import onnx as export_onnx
 from bonexray.export.cheap import write_cheap_model
 from bonexray.export.onnx import ParityError, export_model
-from bonexray.modelmeta import INPUT_NAME, OUTPUT_PROB, parse_metadata
+from bonexray.modelmeta import INPUT_NAME, OUTPUT_LOGIT, OUTPUT_PROB, parse_metadata
 from bonexray.trainer.model import BoneXRayNet
 from bonexray.trainer.train import TrainConfig, train
 from tests.trainer.test_train import make_mura
@@ -49,8 +49,10 @@ def test_export_writes_one_file_with_contract(checkpoint: Path, tmp_path: Path) 
     out = tmp_path / "models" / "model.onnx"
     result = export_model(str(checkpoint), str(out), parity_batches=(1, 3))
     assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx"]  # no .onnx.data
-    assert [f["batch"] for f in result["parity"]] == [1, 3]
+    # /data/mura is not here: no real views, the gate ran on noise and says so.
+    assert [(f["input"], f["batch"]) for f in result["parity"]] == [("noise", 1), ("noise", 3)]
     assert all(f["max_abs_diff"] <= 1e-4 for f in result["parity"])
+    assert any("parity checked on noise only" in w for w in result["warnings"])
 
     info = parse_metadata(props(out))
     assert (info.architecture, info.input_size, info.resize, info.threshold) == \
@@ -60,18 +62,21 @@ def test_export_writes_one_file_with_contract(checkpoint: Path, tmp_path: Path) 
     assert info.json_prop("training")["epoch"] == 3
     assert info.json_prop("head")["layers"] == [8]
     assert {"exported_at", "torch_version", "onnx_version"} <= set(info.props)
+    assert info.json_prop("validated_on")["provider"] == "CPUExecutionProvider"
+    assert info.json_prop("parity")["inputs"] == "noise only"
 
     sess = session(out)
     (inp,) = sess.get_inputs()
     assert inp.name == INPUT_NAME and inp.type == "tensor(uint8)"
     assert inp.shape[1:] == [1, SIZE, SIZE] and isinstance(inp.shape[0], str)
-    assert [o.name for o in sess.get_outputs()] == [OUTPUT_PROB]
+    assert [o.name for o in sess.get_outputs()] == [OUTPUT_PROB, OUTPUT_LOGIT]
     for batch in (1, 5):
         pixels = np.random.default_rng(batch).integers(0, 256, (batch, 1, SIZE, SIZE),
                                                        dtype=np.uint8)
-        (prob,) = sess.run(None, {INPUT_NAME: pixels})
-        assert prob.shape == (batch,) and prob.dtype == np.float32
+        prob, logit = sess.run(None, {INPUT_NAME: pixels})
+        assert prob.shape == logit.shape == (batch,) and prob.dtype == np.float32
         assert ((prob >= 0) & (prob <= 1)).all()
+        np.testing.assert_allclose(1 / (1 + np.exp(-logit)), prob, atol=1e-6)
 
 
 def test_broken_parity_raises_and_leaves_no_file(checkpoint: Path, tmp_path: Path,
@@ -79,16 +84,18 @@ def test_broken_parity_raises_and_leaves_no_file(checkpoint: Path, tmp_path: Pat
     out = tmp_path / "model.onnx"
     real_forward = export_onnx.ProbabilityNet.forward
 
-    def drifted(self: export_onnx.ProbabilityNet, pixels: torch.Tensor) -> torch.Tensor:
-        # Export traces the true graph; afterwards torch's reference drifts by 0.01.
-        return real_forward(self, pixels) + (0.0 if torch.jit.is_tracing() else 0.01)
+    def drifted(self: export_onnx.ProbabilityNet, pixels: torch.Tensor) -> tuple:
+        # Export traces the true graph; afterwards torch's probability drifts by 0.01.
+        prob, logit = real_forward(self, pixels)
+        return prob + (0.0 if torch.jit.is_tracing() else 0.01), logit
 
     monkeypatch.setattr(export_onnx.ProbabilityNet, "forward", drifted)
     with pytest.raises(ParityError) as err:
         export_model(str(checkpoint), str(out), parity_batches=(1, 7))
     message = str(err.value)
-    assert "atol 0.0001 at batch 1" in message and "at batch 7" in message  # all failures
-    assert "max |diff| 0.01 >" in message
+    assert "allowed 0.0001 at batch 1 of noise" in message  # every failure is listed
+    assert "at batch 7 of noise" in message
+    assert "abnormal_prob |diff| 0.01 >" in message and OUTPUT_LOGIT not in message
     assert list(tmp_path.iterdir()) == []
 
 

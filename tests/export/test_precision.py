@@ -23,7 +23,7 @@ from bonexray.export.quantize import (
     quantize_int8,
 )
 from bonexray.metrics import auroc
-from bonexray.modelmeta import INPUT_NAME, OUTPUT_CAM, OUTPUT_PROB, parse_metadata
+from bonexray.modelmeta import INPUT_NAME, OUTPUT_CAM, OUTPUT_LOGIT, OUTPUT_PROB, parse_metadata
 from bonexray.settings import Settings
 from bonexray.trainer.model import BoneXRayNet
 from bonexray.worker.inference import Classifier
@@ -63,15 +63,19 @@ def test_cam_has_the_map_shape_and_highlights_the_sign(trained_checkpoint: Path,
                                                        tmp_path: Path) -> None:
     out = tmp_path / "cam.onnx"
     result = export_model(str(trained_checkpoint), str(out), cam=True)
-    assert [f["batch"] for f in result["parity"]] == [1, 7, 32]  # the default gate
+    # The default gate: noise and the checkpoint's own validation views, batches 1, 7, 32.
+    assert [(f["input"], f["batch"]) for f in result["parity"]] == [
+        ("noise", 1), ("noise", 7), ("noise", 32), ("views", 1), ("views", 7), ("views", 32)]
     assert all(f["cam_max_abs_diff"] <= 1e-3 for f in result["parity"])
     info = parse_metadata(props(out))
-    assert info.json_prop("outputs") == [OUTPUT_PROB, OUTPUT_CAM]
+    assert info.json_prop("outputs") == [OUTPUT_PROB, OUTPUT_LOGIT, OUTPUT_CAM]
     assert info.json_prop("cam")["shape"] == [2, 2]
+    assert info.json_prop("cam")["method"].startswith("CAM: the linear head")
+    assert "40 views of validation split of" in info.json_prop("parity")["inputs"]
     assert info.json_prop("normalization")["std"] == [0.229, 0.224, 0.225]
 
     sess = session(out)
-    assert [o.name for o in sess.get_outputs()] == [OUTPUT_PROB, OUTPUT_CAM]
+    assert [o.name for o in sess.get_outputs()] == [OUTPUT_PROB, OUTPUT_LOGIT, OUTPUT_CAM]
     pixels, quadrants = fresh_views(32, seed=99)
     prob, cam = sess.run([OUTPUT_PROB, OUTPUT_CAM], {INPUT_NAME: pixels})
     assert cam.shape == (32, 2, 2) and cam.dtype == np.float32
@@ -320,7 +324,7 @@ def test_int8_ensemble_keeps_the_mean_in_fp32(trained_checkpoint: Path,
     quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
     concats = [n for n in graph.node if n.op_type == "Concat"]
     stacks = [n for n in concats if n.output[0] not in quantized]
-    assert len(concats) == 2 * 86 + 2 and len(stacks) == 2  # probabilities and CAMs
+    assert len(concats) == 2 * 86 + 3 and len(stacks) == 3  # probabilities, logits, CAMs
     rng = np.random.default_rng(11)
     pixels = np.concatenate([fresh_views(6, seed=12)[0],  # and noise, off the calibration
                              rng.integers(0, 256, (6, 1, SIZE, SIZE), dtype=np.uint8)])
@@ -346,9 +350,10 @@ def test_auroc_gate_refuses_beyond_the_bound_on_enough_studies() -> None:
     candidate = reference.copy()
     flip = rng.choice(n, size=n // 5, replace=False)  # a fifth of the scores scrambled
     candidate[flip] = rng.uniform(0, 1, len(flip))
+    loose = {"min_agreement": 0.0, "max_score_change": 1.0}  # the AUROC bound alone
     with pytest.raises(PrecisionError) as err:
         judge_precision(precision="int8", labels=labels, reference=reference,
-                        candidate=candidate, threshold=0.5)
+                        candidate=candidate, threshold=0.5, **loose)
     message = str(err.value)
     delta = auroc(labels, candidate) - auroc(labels, reference)
     assert delta < -AUROC_BOUND
@@ -358,10 +363,157 @@ def test_auroc_gate_refuses_beyond_the_bound_on_enough_studies() -> None:
     few = slice(0, MIN_JUDGED_STUDIES - 20)
     judgement, warnings = judge_precision(precision="int8", labels=labels[few],
                                           reference=reference[few], candidate=candidate[few],
-                                          threshold=0.5)
+                                          threshold=0.5, **loose)
     assert not judgement["enforced"] and judgement["auroc_delta"] < -AUROC_BOUND
     assert warnings and "reported, not enforced" in warnings[0]
 
     same, none = judge_precision(precision="fp16", labels=labels, reference=reference,
                                  candidate=reference + 1e-4, threshold=0.5)
     assert same["auroc_delta"] == 0 and none == [] and same["enforced"]
+
+
+
+def test_decisions_and_scores_are_gated_at_any_study_count() -> None:
+    """Decision agreement and the largest score change are enforced even on a handful of
+    studies, where the AUROC bound only warns."""
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1, 0, 1])
+    reference = np.array([0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.45, 0.55, 0.05, 0.95])
+    near = reference + 0.01
+    judgement, _ = judge_precision(precision="fp16", labels=labels, reference=reference,
+                                   candidate=near, threshold=0.5)
+    assert judgement["decision_agreement"] == 1.0 and not judgement["enforced"]
+    flipped = reference.copy()
+    flipped[6] = 0.52  # one decision of ten flips: 90% agreement, score moved by 0.07
+    with pytest.raises(PrecisionError, match=r"agree on 90.0% of 10 studies \(< 98.0%\)"):
+        judge_precision(precision="int8", labels=labels, reference=reference,
+                        candidate=flipped, threshold=0.5, max_score_change=1.0)
+    with pytest.raises(PrecisionError, match=r"a study score moves by 0.07 \(> 0.05\)"):
+        judge_precision(precision="int8", labels=labels, reference=reference,
+                        candidate=flipped, threshold=0.5, min_agreement=0.5)
+    judge_precision(precision="int8", labels=labels, reference=reference, candidate=flipped,
+                    threshold=0.5, min_agreement=0.9, max_score_change=0.08)
+
+
+def _scale_constant(model: onnx.ModelProto) -> onnx.TensorProto:
+    """The graph's input-scaling constant: 1 / (255 x ImageNet std), one per channel."""
+    from onnx import numpy_helper
+
+    want = 1.0 / (255.0 * np.array([0.229, 0.224, 0.225]))
+    tensors = [*model.graph.initializer,
+               *(a.t for n in model.graph.node if n.op_type == "Constant"
+                 for a in n.attribute if a.name == "value")]
+    for tensor in tensors:
+        value = numpy_helper.to_array(tensor)
+        if value.size == 3 and np.allclose(value.reshape(-1), want, rtol=1e-5):
+            return tensor
+    raise AssertionError("no input-scaling constant in the graph")
+
+
+def test_parity_gate_refuses_a_graph_whose_input_scale_is_off(trained_checkpoint: Path,
+                                                              sign_data: Path,
+                                                              tmp_path: Path) -> None:
+    """The regression the gate exists for: the exported graph's input-scaling constant
+    multiplied by 1.5. The gate compares logits (and probabilities) on noise and on the
+    checkpoint's validation views, and refuses it."""
+    from onnx import numpy_helper
+
+    from bonexray.export.onnx import ParityError, ProbabilityNet, check_parity
+    from bonexray.export.quantize import parity_views
+
+    good = tmp_path / "good.onnx"
+    export_model(str(trained_checkpoint), str(good), parity_batches=(1,))
+    model = onnx.load(str(good))
+    constant = _scale_constant(model)
+    constant.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(constant) * 1.5,
+                                              constant.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    net, ckpt = load_checkpoint_model(trained_checkpoint)
+    wrapped = ProbabilityNet(net).eval()
+    members = [type("M", (), {"image_size": SIZE, "resize": "letterbox", "config":
+                              ckpt["config"], "ckpt": ckpt, "path": str(trained_checkpoint)})()]
+    views, source = parity_views(members, validation=str(sign_data / "valid"), calibration=None,
+                                 count=40)
+    assert views is not None and views.shape == (40, 1, SIZE, SIZE)
+    figures = check_parity(wrapped, good, image_size=SIZE, atol=1e-4, batches=(1, 7, 32),
+                           views=views)
+    assert {f["input"] for f in figures} == {"noise", "views"}
+    with pytest.raises(ParityError) as err:
+        check_parity(wrapped, bad, image_size=SIZE, atol=1e-4, batches=(1, 7, 32),
+                     views=views)
+    message = str(err.value)
+    assert "abnormal_logit |diff|" in message and "of views" in message
+    # And through export_model: a graph writer that got the scale wrong leaves no file.
+    import bonexray.export.onnx as export_onnx
+
+    real_write = export_onnx._write_onnx
+
+    def off_scale(wrapped_net, tmp, **kwargs):  # type: ignore[no-untyped-def]
+        real_write(wrapped_net, tmp, **kwargs)
+        proto = onnx.load(str(tmp))
+        c = _scale_constant(proto)
+        c.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(c) * 1.5, c.name))
+        onnx.save(proto, str(tmp))
+
+    export_onnx._write_onnx = off_scale
+    try:
+        with pytest.raises(ParityError, match="abnormal_logit"):
+            export_model(str(trained_checkpoint), str(tmp_path / "never.onnx"))
+    finally:
+        export_onnx._write_onnx = real_write
+    assert not (tmp_path / "never.onnx").exists()
+
+
+def test_cam_of_a_hidden_relu_head_still_averages_to_the_logit(sign_data: Path,
+                                                               tmp_path: Path) -> None:
+    """A head with hidden ReLU layers is not linear: applying it per position gives a map
+    whose mean is not the logit. The export linearises the head at the pooled features, so
+    the map still sums to the logit, and says which map it is."""
+    ckpt = write_checkpoint(tmp_path / "deep.pt", image_size=SIZE, data=str(sign_data))
+    out = tmp_path / "deep.onnx"
+    export_model(str(ckpt), str(out), cam=True, parity_batches=(1, 7))
+    pixels, _ = fresh_views(16, seed=3)
+    logit, cam = session(out).run([OUTPUT_LOGIT, OUTPUT_CAM], {INPUT_NAME: pixels})
+    np.testing.assert_allclose(cam.mean(axis=(1, 2)), logit, rtol=1e-4, atol=1e-5)
+    assert "linearised" in parse_metadata(props(out)).json_prop("cam")["method"]
+    # The naive per-position head (what the export used to do) does not average to it.
+    net, _ = load_checkpoint_model(ckpt)
+    with torch.no_grad():
+        features = torch.relu(net.net.features(net.preprocess(torch.from_numpy(pixels))))
+        cells = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+        naive = net.net.classifier(cells).reshape(len(pixels), -1)
+    assert not np.allclose(naive.mean(dim=1).numpy(), logit, atol=1e-3)
+
+
+def test_ensemble_gets_its_own_threshold_and_metrics(trained_checkpoint: Path,
+                                                     sign_data: Path, tmp_path: Path) -> None:
+    """Two members whose thresholds (youden on validation) differ: the ensemble's threshold
+    is the rule applied to the ensemble's own validation scores, not the members' mean."""
+    from bonexray.metrics import choose_threshold
+    from bonexray.studies import find_studies
+
+    members = []
+    for k, (threshold, seed) in enumerate(((0.2, 1), (0.8, 2))):
+        ckpt = torch.load(trained_checkpoint, weights_only=True)
+        torch.manual_seed(seed)
+        other = BoneXRayNet()
+        state = {n: (v + 0.02 * torch.randn_like(v) if v.is_floating_point() else v)
+                 for n, v in ckpt["model"].items()}
+        other.load_state_dict(state)
+        ckpt.update(model=other.state_dict(), threshold=threshold, threshold_rule="youden")
+        members.append(tmp_path / f"m{k}.pt")
+        torch.save(ckpt, members[-1])
+    out = tmp_path / "ens.onnx"
+    export_model([str(m) for m in members], str(out), parity_batches=(1,))
+    info = parse_metadata(props(out))
+    studies = [s for s in find_studies(sign_data / "valid")]
+    from PIL import Image
+    pixels = np.stack([np.asarray(Image.open(s.views[0]).convert("L")) for s in studies])[:, None]
+    (scores,) = session(out).run([OUTPUT_PROB], {INPUT_NAME: pixels})
+    labels = [s.label for s in studies]
+    want = choose_threshold(labels, scores.astype(np.float64), "youden")
+    assert info.threshold == pytest.approx(want, abs=1e-6) and info.threshold != 0.5
+    metrics = info.json_prop("metrics")
+    assert metrics["n"] == 40 and metrics["auroc"] == pytest.approx(auroc(labels, scores),
+                                                                    abs=1e-6)
+    assert info.props["threshold_source"].startswith("the ensemble's own, rule youden")

@@ -39,6 +39,10 @@ def test_models_add_and_list(backend: str, tmp_path: Path, request: pytest.Fixtu
     url = request.getfixturevalue("sqlite_url" if backend == "sqlite" else "fresh_pg_url")
     first = write_cheap_model(tmp_path / "first.onnx", image_size=32, threshold=0.3)
     second = write_cheap_model(tmp_path / "second.onnx", image_size=48)
+    proto = onnx.load(second)  # as an fp16 export judged on a GPU worker's provider says
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "validated_on", json.dumps({"provider": "CUDAExecutionProvider"})
+    onnx.save(proto, second)
     code, out, err = invoke("models", "add", first, "--name", "wrist-v1", "--db", url)
     assert code == 0, err
     assert f"model 'wrist-v1': sha256 {sha256_file(first)}" in out
@@ -57,6 +61,10 @@ def test_models_add_and_list(backend: str, tmp_path: Path, request: pytest.Fixtu
     assert rows[0]["metadata"]["threshold"] == "0.3"
     code, out, _ = invoke("models", "list", "--db", url)
     assert code == 0 and "wrist-v1" in out and "second" in out and "2 registered models" in out
+    # Which provider each file was validated on: the fp16 one on CUDA, the other unknown.
+    lines = out.splitlines()
+    assert any("second" in line and "CUDA" in line for line in lines)
+    assert any("wrist-v1" in line and "unknown" in line for line in lines)
 
     # The same file again: the registry knows it by sha256 and says so.
     code, out, _ = invoke("models", "add", first, "--name", "other", "--db", url)
