@@ -327,13 +327,12 @@ def _fmt(value: Any) -> str:
               help="Labelled studies (default: the checkpoint's validation split): real "
                    "views for the parity gate, an ensemble's own threshold, fp16/int8 "
                    "judging.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.98, show_default=True,
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
               help="fp16/int8: least share of validation studies whose decision matches "
-                   "fp32's (enforced at any study count).")
-@click.option("--max-score-change", type=click.FloatRange(0, 1), default=0.05,
-              show_default=True,
-              help="fp16/int8: largest change of a study score against fp32 (enforced at "
-                   "any study count).")
+                   "fp32's, enforced at any study count (default: fp16 0.99, int8 0.97).")
+@click.option("--max-score-change", type=click.FloatRange(0, 1), default=None,
+              help="fp16/int8: largest change of a study score against fp32, enforced at "
+                   "any study count (default: fp16 0.02, int8 0.10).")
 @click.option("--aggregation", type=click.Choice(["mean", "max"]), default="mean",
               show_default=True, help="How workers combine a study's view probabilities "
                                       "(stored in the model's metadata; MURA: mean).")
@@ -341,7 +340,8 @@ def _fmt(value: Any) -> str:
 @user_errors
 def export(checkpoints: tuple[str, ...], out: str, precision: str, opset: int, atol: float,
            cam: bool, calibration: str | None, calibration_images: int | None,
-           validation: str | None, min_agreement: float, max_score_change: float,
+           validation: str | None, min_agreement: float | None,
+           max_score_change: float | None,
            aggregation: str, as_json: bool) -> None:
     """Export CHECKPOINTS to one ONNX file (uint8 input, metadata), gated by parity with
     PyTorch; several checkpoints make an ensemble that averages their probabilities."""

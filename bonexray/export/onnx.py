@@ -23,8 +23,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from bonexray.export.quantize import (
-    MAX_SCORE_CHANGE,
-    MIN_AGREEMENT,
     JudgingSet,
     PrecisionError,
     load_judging_set,
@@ -58,7 +56,7 @@ PARITY_VIEWS = sum(PARITY_BATCHES)  # real views decoded for the gate (one of ea
 
 # Config fields worth carrying in the model file (what it was trained on and how).
 _TRAINING_KEYS = ("data", "epochs", "image_size", "batch_size", "lr", "weights", "seed",
-                  "rotation", "max_steps", "freeze", "resize")
+                  "rotation", "max_steps", "freeze", "resize", "test")
 
 
 class ParityError(ValueError):
@@ -404,8 +402,8 @@ def export_model(checkpoint: str | Sequence[str], out: str, *, opset: int = DEFA
                  precision: str = "fp32", cam: bool = False, calibration: str | None = None,
                  validation: str | None = None,
                  calibration_images: int | None = None,
-                 aggregation: str = "mean", min_agreement: float = MIN_AGREEMENT,
-                 max_score_change: float = MAX_SCORE_CHANGE) -> dict[str, Any]:
+                 aggregation: str = "mean", min_agreement: float | None = None,
+                 max_score_change: float | None = None) -> dict[str, Any]:
     """Write `out`: the checkpoint's network (several: their mean) as ONNX, uint8 pixels ->
     abnormal_prob and abnormal_logit (and cam), with bonexray metadata.
 

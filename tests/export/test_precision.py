@@ -384,14 +384,20 @@ def test_decisions_and_scores_are_gated_at_any_study_count() -> None:
     assert judgement["decision_agreement"] == 1.0 and not judgement["enforced"]
     flipped = reference.copy()
     flipped[6] = 0.52  # one decision of ten flips: 90% agreement, score moved by 0.07
-    with pytest.raises(PrecisionError, match=r"agree on 90.0% of 10 studies \(< 98.0%\)"):
+    with pytest.raises(PrecisionError, match=r"agree on 90.0% of 10 studies \(< 97.0%\)"):
         judge_precision(precision="int8", labels=labels, reference=reference,
-                        candidate=flipped, threshold=0.5, max_score_change=1.0)
+                        candidate=flipped, threshold=0.5)  # int8's default bounds
     with pytest.raises(PrecisionError, match=r"a study score moves by 0.07 \(> 0.05\)"):
         judge_precision(precision="int8", labels=labels, reference=reference,
-                        candidate=flipped, threshold=0.5, min_agreement=0.5)
-    judge_precision(precision="int8", labels=labels, reference=reference, candidate=flipped,
-                    threshold=0.5, min_agreement=0.9, max_score_change=0.08)
+                        candidate=flipped, threshold=0.5, min_agreement=0.5,
+                        max_score_change=0.05)
+    passed, _ = judge_precision(precision="int8", labels=labels, reference=reference,
+                                candidate=flipped, threshold=0.5, min_agreement=0.9,
+                                max_score_change=0.08)
+    assert passed["decisions_flipped"] == 1 and passed["decision_agreement"] == 0.9
+    # The bounds of each precision when none is given: fp16 all but exact, int8 looser.
+    from bonexray.export.quantize import GATES
+    assert GATES["fp16"] == (0.99, 0.02) and GATES["int8"] == (0.97, 0.10)
 
 
 def _scale_constant(model: onnx.ModelProto) -> onnx.TensorProto:

@@ -1,0 +1,87 @@
+"""Test-split figures of training runs, with bootstrap intervals, and the paired difference
+between two recipes (e.g. `bonexray train`'s defaults against benchmarks/plain_loop.py).
+
+    python benchmarks/compare_runs.py --a RUN/test.json ... --b SCORES.json ... \
+        [--names defaults plain] [--resamples 2000]
+
+Each file holds "scores" and "labels" of the same test studies in the same order (what
+`bonexray train` writes to OUT/test.json and `plain_loop.py --out` writes). Prints one
+JSON object: each run's AUROC with its 95% percentile bootstrap interval (studies
+resampled), each recipe's mean over its runs (seeds), and the difference of the means with
+a paired bootstrap interval (the same resampled studies for every run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bonexray.metrics import auroc, bootstrap_ci
+
+
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    data = json.loads(path.read_text())
+    return np.asarray(data["labels"], dtype=np.int64), np.asarray(data["scores"], dtype=float)
+
+
+def _paired_auroc(labels: np.ndarray, runs: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
+    """AUROC of each run on each resample: [resamples, runs]."""
+    out = np.empty((len(idx), len(runs)))
+    for r, draw in enumerate(idx):
+        y = labels[draw]
+        for k, scores in enumerate(runs):
+            out[r, k] = auroc(y, scores[draw]) if 0 < y.sum() < len(y) else np.nan
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--a", nargs="+", type=Path, required=True)
+    parser.add_argument("--b", nargs="+", type=Path, required=True)
+    parser.add_argument("--names", nargs=2, default=("a", "b"))
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    loaded = {name: [_load(p) for p in paths]
+              for name, paths in zip(args.names, (args.a, args.b), strict=True)}
+    labels = next(iter(loaded.values()))[0][0]
+    for name, runs in loaded.items():
+        for (y, _), path in zip(runs, args.a if name == args.names[0] else args.b, strict=True):
+            if not np.array_equal(y, labels):
+                raise SystemExit(f"{path}: its labels differ from the first file's; the runs "
+                                 "must score the same test studies in the same order")
+    report: dict[str, object] = {"studies": int(len(labels)), "abnormal": int(labels.sum()),
+                                 "resamples": args.resamples}
+    idx = np.random.default_rng(args.seed).integers(0, len(labels),
+                                                    size=(args.resamples, len(labels)))
+    means = {}
+    for name, runs in loaded.items():
+        paths = args.a if name == args.names[0] else args.b
+        per_run = []
+        for (_, scores), path in zip(runs, paths, strict=True):
+            low, high = bootstrap_ci(labels, scores, resamples=args.resamples,
+                                     seed=args.seed)["auroc"]
+            per_run.append({"file": str(path), "auroc": round(auroc(labels, scores), 4),
+                            "ci95": [round(low, 4), round(high, 4)]})
+        draws = _paired_auroc(labels, [s for _, s in runs], idx).mean(axis=1)
+        means[name] = draws
+        point = float(np.mean([auroc(labels, s) for _, s in runs]))
+        report[name] = {"runs": per_run, "mean_auroc": round(point, 4),
+                        "mean_ci95": [round(float(np.nanpercentile(draws, q)), 4)
+                                      for q in (2.5, 97.5)]}
+    a, b = args.names
+    diff = means[a] - means[b]
+    point = report[a]["mean_auroc"] - report[b]["mean_auroc"]  # type: ignore[index]
+    report[f"{a}_minus_{b}"] = {
+        "auroc": round(point, 4),
+        "ci95": [round(float(np.nanpercentile(diff, q)), 4) for q in (2.5, 97.5)],
+        "share_of_resamples_above_0": round(float(np.nanmean(diff > 0)), 4)}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
