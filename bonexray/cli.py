@@ -245,6 +245,10 @@ def import_fracatlas_cmd(src: str, out: str, seed: int, valid_fraction: float,
               help="auto: one-cycle from scratch, divide by 10 on plateau with weights.")
 @click.option("--rotation", default=30.0, show_default=True,
               help="Random rotation up to +-degrees (MURA: 30); 0 turns it off.")
+@click.option("--resize", type=click.Choice(["letterbox", "stretch"]), default="letterbox",
+              show_default=True,
+              help="How views become square: letterbox (keep the aspect ratio, pad) or "
+                   "stretch. Stored in the model file, so workers decode the same way.")
 @click.option("--loss-weights", type=click.Choice(["body-part", "global", "none"]),
               default="body-part", show_default=True,
               help="BCE class weights: body-part (MURA: each part's abnormal/normal share), "
@@ -258,7 +262,7 @@ def import_fracatlas_cmd(src: str, out: str, seed: int, valid_fraction: float,
 def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr: float | None,
           weights: str, seed: int, workers: int, max_steps: int | None, device: str,
           head: str, dropout: float, batch_norm: bool, init_: str, freeze: str,
-          threshold: str, schedule: str, rotation: float, loss_weights: str,
+          threshold: str, schedule: str, rotation: float, resize: str, loss_weights: str,
           test_dir: str | None, resume: bool, as_json: bool) -> None:
     """Train DenseNet-169 on MURA-layout data; writes OUT/best.pt, last.pt, history.*."""
     from bonexray.trainer.progress import RichTrainProgress
@@ -275,7 +279,8 @@ def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr
         lr=lr, weights=None if weights == "none" else weights, seed=seed, workers=workers,
         max_steps=max_steps, device=device, head=layers, dropout=dropout,
         batch_norm=batch_norm, init=init_, freeze=freeze, threshold=threshold,
-        schedule=schedule, rotation=rotation, loss_weights=loss_weights, test=test_dir,
+        schedule=schedule, rotation=rotation, resize=resize, loss_weights=loss_weights,
+        test=test_dir,
     )
     with RichTrainProgress() as progress:
         summary = run_training(config, resume=resume, progress=progress)

@@ -413,10 +413,11 @@ def test_cli_train_variants(mura: Path, tmp_path: Path) -> None:
         "train", str(mura), "--out", str(out), "--epochs", "1", "--image-size", "32",
         "--batch-size", "4", "--max-steps", "2", "--workers", "0", "--head", "16,8",
         "--dropout", "0.2", "--batch-norm", "--init", "kaiming", "--freeze", "all-but-2",
-        "--threshold", "sensitivity=0.9", "--json"])
+        "--threshold", "sensitivity=0.9", "--resize", "stretch", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["resize"] == "stretch" and ckpt["config"]["resize"] == "stretch"
     assert ckpt["head"] == {"layers": [16, 8], "dropout": 0.2, "batch_norm": True,
                             "init": "kaiming"}
     assert ckpt["config"]["freeze"] == "all-but-2"
