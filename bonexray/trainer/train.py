@@ -281,7 +281,10 @@ def _autocast(device: torch.device) -> Any:
 
 
 def _memory_format(device: torch.device) -> torch.memory_format:
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    """channels_last everywhere: on CUDA for the tensor cores, and on this CPU too, where
+    DenseNet-169 trains 1.18-1.24x faster in it (benchmarks/train_speed.py)."""
+    del device
+    return torch.channels_last
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader[Any], weights: torch.Tensor,
@@ -546,8 +549,7 @@ def train(config: TrainConfig, *, resume: bool = False,
     model = BoneXRayNet(weights=None if state else config.weights, head=config.head,
                         dropout=config.dropout, batch_norm=config.batch_norm, init=config.init,
                         freeze=config.freeze).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=_memory_format(device))
     steps = len(train_loader) if config.max_steps is None else min(len(train_loader),
                                                                    config.max_steps)
     optimizer, scheduler, per_step, lr = _optimizer_and_schedule(config, model, steps)
