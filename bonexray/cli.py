@@ -341,13 +341,16 @@ def _fmt(value: Any) -> str:
 @click.option("--aggregation", type=click.Choice(["mean", "max"]), default="mean",
               show_default=True, help="How workers combine a study's view probabilities "
                                       "(stored in the model's metadata; MURA: mean).")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="Test-time augmentation inside the graph: flip also runs every view "
+                   "mirrored left-right and averages (2x the inference work).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
 def export(checkpoints: tuple[str, ...], out: str, precision: str, opset: int, atol: float,
            cam: bool, calibration: str | None, calibration_images: int | None,
            validation: str | None, min_agreement: float | None,
            max_score_change: float | None,
-           aggregation: str, as_json: bool) -> None:
+           aggregation: str, tta: str, as_json: bool) -> None:
     """Export CHECKPOINTS to one ONNX file (uint8 input, metadata), gated by parity with
     PyTorch; several checkpoints make an ensemble that averages their probabilities."""
     from bonexray.export.onnx import export_model
@@ -355,7 +358,8 @@ def export(checkpoints: tuple[str, ...], out: str, precision: str, opset: int, a
     report = export_model(list(checkpoints), out, opset=opset, atol=atol, precision=precision,
                           cam=cam, calibration=calibration, validation=validation,
                           calibration_images=calibration_images, aggregation=aggregation,
-                          min_agreement=min_agreement, max_score_change=max_score_change)
+                          min_agreement=min_agreement, max_score_change=max_score_change,
+                          tta=tta)
     for line in report["warnings"]:
         log.warning("%s", line)
     if as_json:

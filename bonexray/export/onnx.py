@@ -132,34 +132,60 @@ def _head_and_cam(net: BoneXRayNet, pixels: torch.Tensor) -> tuple[torch.Tensor,
     return x.squeeze(1), y.reshape(-1, int(h), int(w))
 
 
+TTA_MODES = ("none", "flip")
+
+
 class ProbabilityNet(nn.Module):
     """pixels uint8 [N,1,H,W] -> abnormal_prob float32 [N] (sigmoid inside the graph; the
     mean of the members' probabilities for an ensemble) and abnormal_logit [N] (the
-    members' mean logit), and with `cam` also cam [N,h,w] (the members' mean)."""
+    members' mean logit), and with `cam` also cam [N,h,w] (the members' mean).
 
-    def __init__(self, nets: BoneXRayNet | Sequence[BoneXRayNet], *, cam: bool = False) -> None:
+    tta="flip": every view is also run mirrored left-right (one batch of 2N), and each
+    member's probability, logit and CAM (flipped back) are the means over both.
+    """
+
+    def __init__(self, nets: BoneXRayNet | Sequence[BoneXRayNet], *, cam: bool = False,
+                 tta: str = "none") -> None:
         super().__init__()
         members = [nets] if isinstance(nets, BoneXRayNet) else list(nets)
         if not members:
             raise ValueError("no network to export")
+        if tta not in TTA_MODES:
+            raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of "
+                             f"{', '.join(TTA_MODES)}")
         self.members = nn.ModuleList(members)
         self.cam = cam
+        self.tta = tta
 
     def forward(self, pixels: torch.Tensor) -> Any:
+        flip = self.tta == "flip"
+        batch = torch.cat([pixels, pixels.flip(-1)]) if flip else pixels
+        probs: list[torch.Tensor] = []
+        logits: list[torch.Tensor] = []
+        maps: list[torch.Tensor] = []
+        for net in self.members:
+            if self.cam:
+                logit, cam_map = _head_and_cam(net, batch)  # type: ignore[arg-type]
+            else:
+                logit, cam_map = net(batch), None
+            prob = torch.sigmoid(logit)
+            if flip:
+                n = pixels.shape[0]
+                prob = (prob[:n] + prob[n:]) / 2
+                logit = (logit[:n] + logit[n:]) / 2
+                if cam_map is not None:
+                    cam_map = (cam_map[:n] + cam_map[n:].flip(-1)) / 2
+            probs.append(prob)
+            logits.append(logit)
+            if cam_map is not None:
+                maps.append(cam_map)
+
+        def mean(values: list[torch.Tensor]) -> torch.Tensor:
+            return values[0] if len(values) == 1 else torch.stack(values).mean(0)
+
         if not self.cam:
-            logits = [net(pixels) for net in self.members]
-            maps: list[torch.Tensor] = []
-        else:
-            pairs = [_head_and_cam(net, pixels) for net in self.members]  # type: ignore[arg-type]
-            logits, maps = [p[0] for p in pairs], [p[1] for p in pairs]
-        if len(logits) == 1:
-            prob, logit = torch.sigmoid(logits[0]), logits[0]
-        else:
-            prob = torch.stack([torch.sigmoid(v) for v in logits]).mean(0)
-            logit = torch.stack(logits).mean(0)
-        if not self.cam:
-            return prob, logit
-        return prob, logit, maps[0] if len(maps) == 1 else torch.stack(maps).mean(0)
+            return mean(probs), mean(logits)
+        return mean(probs), mean(logits), mean(maps)
 
 
 def load_checkpoint_model(checkpoint: str | Path) -> tuple[BoneXRayNet, dict[str, Any]]:
@@ -403,7 +429,7 @@ def export_model(checkpoint: str | Sequence[str], out: str, *, opset: int = DEFA
                  validation: str | None = None,
                  calibration_images: int | None = None,
                  aggregation: str = "mean", min_agreement: float | None = None,
-                 max_score_change: float | None = None) -> dict[str, Any]:
+                 max_score_change: float | None = None, tta: str = "none") -> dict[str, Any]:
     """Write `out`: the checkpoint's network (several: their mean) as ONNX, uint8 pixels ->
     abnormal_prob and abnormal_logit (and cam), with bonexray metadata.
 
@@ -443,7 +469,7 @@ def export_model(checkpoint: str | Sequence[str], out: str, *, opset: int = DEFA
         log.warning("%s", report["warnings"][-1])
     if cam:
         _check_cam_decomposition(members, image_size)
-    wrapped = ProbabilityNet([m.net for m in members], cam=cam).eval()
+    wrapped = ProbabilityNet([m.net for m in members], cam=cam, tta=tta).eval()
     cam_shape: list[int] | None = None
     if cam:
         with torch.no_grad():
@@ -453,6 +479,9 @@ def export_model(checkpoint: str | Sequence[str], out: str, *, opset: int = DEFA
     out_path.parent.mkdir(parents=True, exist_ok=True)
     metadata_in = _metadata(members, opset=opset, precision=precision, cam_shape=cam_shape,
                              aggregation=aggregation)
+    metadata_in["tta"] = tta if tta == "none" else (
+        f"{tta}: every view also runs mirrored left-right; probabilities, logits and CAMs "
+        "are the means over both (2x the inference work)")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp",
                                     dir=out_path.parent)
     os.close(fd)

@@ -523,3 +523,30 @@ def test_ensemble_gets_its_own_threshold_and_metrics(trained_checkpoint: Path,
     assert metrics["n"] == 40 and metrics["auroc"] == pytest.approx(auroc(labels, scores),
                                                                     abs=1e-6)
     assert info.props["threshold_source"].startswith("the ensemble's own, rule youden")
+
+
+def test_flip_tta_averages_each_view_and_its_mirror(trained_checkpoint: Path,
+                                                    tmp_path: Path) -> None:
+    """--tta flip: the graph's probability is the mean of the view's and its mirror's,
+    the CAM the mean of the view's and the mirror's flipped back; parity still holds."""
+    out = tmp_path / "tta.onnx"
+    result = export_model(str(trained_checkpoint), str(out), cam=True, tta="flip",
+                          parity_batches=(1, 7))
+    assert {f["input"] for f in result["parity"]} == {"noise", "views"}
+    assert parse_metadata(props(out)).props["tta"].startswith("flip:")
+    pixels, _ = fresh_views(6, seed=21)
+    prob, logit, cam = session(out).run([OUTPUT_PROB, OUTPUT_LOGIT, OUTPUT_CAM],
+                                        {INPUT_NAME: pixels})
+    net, _ = load_checkpoint_model(trained_checkpoint)
+    with torch.no_grad():
+        x = torch.from_numpy(pixels)
+        plain, mirrored = net(x), net(x.flip(-1))
+    want = (torch.sigmoid(plain) + torch.sigmoid(mirrored)).numpy() / 2
+    np.testing.assert_allclose(prob, want, atol=1e-5)
+    np.testing.assert_allclose(logit, ((plain + mirrored) / 2).numpy(), atol=1e-4)
+    np.testing.assert_allclose(cam.mean(axis=(1, 2)), logit, rtol=1e-4, atol=1e-5)
+    # It did something: the logits (these abnormal views saturate the probabilities) moved.
+    assert not np.allclose(logit, plain.numpy(), atol=1e-2)
+    with pytest.raises(ValueError, match="unknown test-time augmentation 'rot'"):
+        export_model(str(trained_checkpoint), str(tmp_path / "x.onnx"), tta="rot")
+    assert not (tmp_path / "x.onnx").exists()
