@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,10 @@ import numpy as np
 from bonexray.metrics import auroc, bootstrap_ci
 
 
-def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     data = json.loads(path.read_text())
-    return np.asarray(data["labels"], dtype=np.int64), np.asarray(data["scores"], dtype=float)
+    return (np.asarray(data["labels"], dtype=np.int64), np.asarray(data["scores"], dtype=float),
+            data.get("studies"))
 
 
 def _paired_auroc(labels: np.ndarray, runs: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
@@ -48,12 +50,16 @@ def main() -> None:
 
     loaded = {name: [_load(p) for p in paths]
               for name, paths in zip(args.names, (args.a, args.b), strict=True)}
-    labels = next(iter(loaded.values()))[0][0]
+    labels, _, studies = next(iter(loaded.values()))[0]
     for name, runs in loaded.items():
-        for (y, _), path in zip(runs, args.a if name == args.names[0] else args.b, strict=True):
-            if not np.array_equal(y, labels):
-                raise SystemExit(f"{path}: its labels differ from the first file's; the runs "
-                                 "must score the same test studies in the same order")
+        for (y, _, order), path in zip(runs, args.a if name == args.names[0] else args.b,
+                                       strict=True):
+            if not np.array_equal(y, labels) or (order and studies and order != studies):
+                raise SystemExit(f"{path}: its labels or studies differ from the first file's; "
+                                 "the runs must score the same test studies in the same order")
+    if studies is None:
+        print("warning: the files name no studies; runs are paired by position only",
+              file=sys.stderr)
     report: dict[str, object] = {"studies": int(len(labels)), "abnormal": int(labels.sum()),
                                  "resamples": args.resamples}
     idx = np.random.default_rng(args.seed).integers(0, len(labels),
@@ -62,14 +68,14 @@ def main() -> None:
     for name, runs in loaded.items():
         paths = args.a if name == args.names[0] else args.b
         per_run = []
-        for (_, scores), path in zip(runs, paths, strict=True):
+        for (_, scores, _), path in zip(runs, paths, strict=True):
             low, high = bootstrap_ci(labels, scores, resamples=args.resamples,
                                      seed=args.seed)["auroc"]
             per_run.append({"file": str(path), "auroc": round(auroc(labels, scores), 4),
                             "ci95": [round(low, 4), round(high, 4)]})
-        draws = _paired_auroc(labels, [s for _, s in runs], idx).mean(axis=1)
+        draws = _paired_auroc(labels, [s for _, s, _ in runs], idx).mean(axis=1)
         means[name] = draws
-        point = float(np.mean([auroc(labels, s) for _, s in runs]))
+        point = float(np.mean([auroc(labels, s) for _, s, _ in runs]))
         report[name] = {"runs": per_run, "mean_auroc": round(point, 4),
                         "mean_ci95": [round(float(np.nanpercentile(draws, q)), 4)
                                       for q in (2.5, 97.5)]}

@@ -124,7 +124,9 @@ def main() -> None:
         final.update(test=len(test_items), test_auroc=round(float(roc_auc_score(labels, scores)),
                                                              4))
         if args.out is not None:
-            args.out.write_text(json.dumps({**final, "scores": scores, "labels": labels}))
+            args.out.write_text(json.dumps({
+                **final, "scores": scores, "labels": labels,
+                "studies": [str(Path(path).parent) for path, _ in test_items]}))
     print(json.dumps(final))
 
 

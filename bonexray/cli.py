@@ -299,6 +299,9 @@ def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr
                    f"{_fmt(tested.get('auroc'))} (95% CI {_fmt(low)}-{_fmt(high)}), kappa "
                    f"{_fmt(tested.get('kappa'))}, accuracy {_fmt(tested.get('accuracy'))}, F1 "
                    f"{_fmt(tested.get('f1'))} on {tested.get('n')} studies")
+    elif (summary.get("split") or {}).get("test"):
+        click.echo("nothing trained in this run: the test split was scored when the run "
+                   "ended (OUT/test.json)")
     else:
         click.echo("no test split (DATA/test or --test DIR): the validation figures above "
                    "chose the epoch and threshold, so they are optimistic")

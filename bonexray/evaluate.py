@@ -200,9 +200,16 @@ def evaluate_job(*, session: Session, job_id: int, resamples: int = DEFAULT_RESA
         if found is None:
             raise ManifestError(f"no {MANIFEST_NAME} at {job.root if job else '?'} or above "
                                 "it; pass --manifest (written by `bonexray import`)")
-        figures["by_flag"] = flag_breakdown(
-            outcomes, read_flags(found, by_flags), by_flags, threshold=threshold,
-            resamples=resamples, seed=seed)
+        flags = read_flags(found, by_flags)
+        matched = sum(1 for o in outcomes if o["path"] in flags)
+        if not matched:
+            raise ManifestError(f"{found} lists none of job {job_id}'s {len(outcomes)} studies "
+                                "(was the data moved or copied since the import?)")
+        if matched < len(outcomes):
+            log.warning("%s lists %d of job %d's %d studies; the others count as flag '?'",
+                        found, matched, job_id, len(outcomes))
+        figures["by_flag"] = flag_breakdown(outcomes, flags, by_flags, threshold=threshold,
+                                            resamples=resamples, seed=seed)
         figures["manifest"] = str(found)
     run = None
     if save:

@@ -235,7 +235,9 @@ def grouped_split(images: list[_Image], owner: list[int], *, seed: int,
 
     A group's stratum is (its most common body part, whether any image is abnormal). In a
     seeded order, each group of a stratum goes to the split furthest below its share of the
-    stratum's images (`fractions`, the rest to train).
+    stratum's images (`fractions`, the rest to train); ties go to train, then to the splits
+    in the order of `fractions`. A stratum of a few small groups can leave a held-out split
+    without any of them (the report's counts per split show it).
     """
     members: dict[int, list[int]] = {}
     for i, g in enumerate(owner):
@@ -252,11 +254,9 @@ def grouped_split(images: list[_Image], owner: list[int], *, seed: int,
         total = sum(len(members[g]) for g in groups)
         placed = dict.fromkeys(shares, 0)
         for g in groups:
-            size = len(members[g])
-            # The split whose share would be missed by most: largest deficit after placing.
-            name = max(shares, key=lambda k: (shares[k] * total - placed[k] - size / 2,
-                                             k == "train"))
-            placed[name] += size
+            # The split whose share is missed by most so far (ties: train first).
+            name = max(shares, key=lambda k: (shares[k] * total - placed[k], k == "train"))
+            placed[name] += len(members[g])
             for i in members[g]:
                 split[images[i].image_id] = name
     return split

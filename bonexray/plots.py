@@ -247,7 +247,7 @@ def write_heatmaps(*, model_path: str, expected_sha256: str | None, views: Seque
     listed, not fatal. Returns {"written": [paths], "failed": {view: error}}."""
     from PIL.PngImagePlugin import PngInfo
 
-    from bonexray.imaging import ImageError, decode_gray, resize_gray
+    from bonexray.imaging import ImageError, decode_gray, load_view
     from bonexray.modelmeta import INPUT_NAME, OUTPUT_CAM, OUTPUT_PROB
     from bonexray.settings import get_settings
     from bonexray.worker.inference import Classifier
@@ -265,14 +265,19 @@ def write_heatmaps(*, model_path: str, expected_sha256: str | None, views: Seque
     threshold = classifier.info.threshold
     for start in range(0, len(views), batch_size):
         batch: list[tuple[str, np.ndarray]] = []
+        inputs: list[np.ndarray] = []
         for view in views[start:start + batch_size]:
             try:
+                # The model input decoded as the worker decodes it (so the score written on
+                # the image is the worker's), the view itself at full resolution for display.
+                inputs.append(load_view(view, size, rule))
                 batch.append((view, decode_gray(view)))
             except (ImageError, OSError) as exc:
                 failed[view] = str(exc)
+                del inputs[len(batch):]
         if not batch:
             continue
-        pixels = np.stack([resize_gray(p, size, rule) for _, p in batch])[:, None, :, :]
+        pixels = np.stack(inputs)[:, None, :, :]
         probs, cams = classifier.session.run([OUTPUT_PROB, OUTPUT_CAM], {INPUT_NAME: pixels})
         cams = np.asarray(cams, dtype=np.float32)
         if cams.ndim == 4 and cams.shape[1] == 1:

@@ -379,7 +379,7 @@ def _metadata(members: Sequence[Member], *, opset: int, precision: str,
                 "metrics": json_safe(first.ckpt.get("metrics") or {}),
                 "test_metrics": json_safe(first.ckpt.get("test_metrics") or {}),
                 "threshold_source": "the checkpoint's, chosen on its validation split "
-                                    f"(rule {first.ckpt.get('threshold_rule', '0.5')})",
+                                    f"(rule {_threshold_rule(first)})",
                 "source_checkpoint": first.path}
     # Until the ensemble is scored on validation studies (export_model does so when it can),
     # its threshold is the members' mean and it has no metrics of its own.
@@ -396,11 +396,16 @@ def _metadata(members: Sequence[Member], *, opset: int, precision: str,
             "source_checkpoint": [m.path for m in members]}
 
 
+def _threshold_rule(member: Member) -> str:
+    """The rule a member's threshold was chosen by (older checkpoints: their config's)."""
+    return str(member.ckpt.get("threshold_rule") or member.config.get("threshold") or "0.5")
+
+
 def ensemble_threshold(members: Sequence[Member], scores: np.ndarray,
                        labels: np.ndarray) -> tuple[float, dict[str, Any], str]:
     """The ensemble's own threshold and validation metrics from its study scores: the
     members' threshold rule (when they share one; else 0.5) applied to the ensemble."""
-    rules = {str(m.ckpt.get("threshold_rule", "0.5")) for m in members}
+    rules = {_threshold_rule(m) for m in members}
     rule = rules.pop() if len(rules) == 1 else "0.5"
     try:
         value = choose_threshold(labels, scores, rule)
@@ -451,7 +456,7 @@ def export_model(checkpoint: str | Sequence[str], out: str, *, opset: int = DEFA
     prepared = None if precision == "fp32" else prepare_precision(
         precision, members, calibration=calibration, validation=validation,
         calibration_images=calibration_images, min_agreement=min_agreement,
-        max_score_change=max_score_change)
+        max_score_change=max_score_change, aggregation=aggregation)
     judged = prepared.judged if prepared is not None else None
     if len(members) > 1 and judged is None:
         judged = _ensemble_judging_set(members, validation)

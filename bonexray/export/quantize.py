@@ -115,11 +115,27 @@ def member_splits(members: Sequence[Member]) -> tuple[list[Study], list[Study], 
     return split.train, split.valid, str(data)
 
 
+def _validated_on(member: Member) -> tuple[Any, ...]:
+    """What a member's validation studies were: its recorded list, else how they were made."""
+    config = member.config
+    recorded = (member.ckpt.get("split") or {}).get("valid")
+    if recorded is not None:
+        return (config.get("data"), tuple(recorded))
+    return (config.get("data"), config.get("seed"), config.get("test"))
+
+
 def validation_studies(members: Sequence[Member],
                        validation: str | None) -> tuple[list[Study], str]:
     """Labelled studies to judge a precision on: --validation DIR (its valid/ split when it
-    has one), else the checkpoint's own validation split."""
+    has one), else the checkpoint's own validation split. Members of an ensemble validated
+    on different studies have no shared split that none of them trained on: --validation
+    is then required."""
     if validation is None:
+        if len({_validated_on(m) for m in members}) > 1:
+            raise PrecisionError(
+                "the ensemble's members were validated on different studies (other data or "
+                "seeds), so one member may have trained on another's validation studies; pass "
+                "--validation DIR with studies none of them trained on")
         _, valid, data = member_splits(members)
         return _labelled(valid), f"validation split of {data}"
     found = _labelled(find_studies(validation))
@@ -469,13 +485,15 @@ class PrecisionData:
     calibration_source: str | None = None
     min_agreement: float = MIN_AGREEMENT
     max_score_change: float = MAX_SCORE_CHANGE
+    aggregation: str = "mean"  # how workers combine a study's views (the model's metadata)
 
 
 def prepare_precision(precision: str, members: Sequence[Member], *, calibration: str | None,
                       validation: str | None,
                       calibration_images: int | None = None,
                       min_agreement: float | None = None,
-                      max_score_change: float | None = None) -> PrecisionData:
+                      max_score_change: float | None = None,
+                      aggregation: str = "mean") -> PrecisionData:
     """Decode the validation studies (and, for int8, calibration views) first: an export
     that cannot be judged stops before the slow part."""
     if precision not in GATES:
@@ -491,13 +509,14 @@ def prepare_precision(precision: str, members: Sequence[Member], *, calibration:
     threshold = float(np.mean([m.threshold for m in members]))
     if precision == "fp16":
         return PrecisionData(precision, judged, threshold, min_agreement=min_agreement,
-                             max_score_change=max_score_change)
+                             max_score_change=max_score_change, aggregation=aggregation)
     views, calib_source = calibration_views(members, calibration)
     images = load_calibration(views, size=size, resize=resize,
                               count=calibration_images or CALIBRATION_IMAGES,
                               source=calib_source)
     return PrecisionData(precision, judged, threshold, images, calib_source,
-                         min_agreement=min_agreement, max_score_change=max_score_change)
+                         min_agreement=min_agreement, max_score_change=max_score_change,
+                         aggregation=aggregation)
 
 
 def make_precision(fp32_path: str | Path, dst: str | Path,
@@ -520,24 +539,28 @@ def make_precision(fp32_path: str | Path, dst: str | Path,
         extra["calibration"] = {"source": data.calibration_source,
                                 "images": int(len(data.calibration)), "seed": CALIBRATION_SEED}
         providers = [CPU]  # int8 QDQ is meant for CPU workers
-    log.info("%s: judging against fp32 on %d views of %d studies (%s) with %s", precision,
-             len(judged.pixels), judged.studies, judged.source, providers[0])
-    reference = score_studies(fp32_path, judged, aggregation="mean", providers=providers)
-    candidate = score_studies(dst, judged, aggregation="mean", providers=providers)
+    log.info("%s: judging against fp32 on %d views of %d studies (%s), %s aggregation, "
+             "asking for %s", precision, len(judged.pixels), judged.studies, judged.source,
+             data.aggregation, providers[0])
+    reference = score_studies(fp32_path, judged, aggregation=data.aggregation,
+                              providers=providers)
+    candidate = score_studies(dst, judged, aggregation=data.aggregation, providers=providers)
+    # What onnxruntime ran on, not what was asked for: it falls back to the CPU silently.
+    provider = _session(dst, providers).get_providers()[0]
     judgement, warnings = judge_precision(precision=precision, labels=judged.labels,
                                           reference=reference, candidate=candidate,
                                           threshold=data.threshold,
                                           min_agreement=data.min_agreement,
                                           max_score_change=data.max_score_change)
     judgement.update(source=judged.source, views=int(len(judged.pixels)),
-                     failed_views=judged.failed_views, provider=providers[0])
+                     failed_views=judged.failed_views, provider=provider)
     for line in warnings:
         log.warning("%s", line)
     log.info("%s: validation AUROC %s -> %s (%s) on %d studies; decisions agree on %.1f%%",
              precision, judgement["auroc_fp32"], judgement["auroc"], judgement["auroc_delta"],
              judged.studies, 100 * judgement["decision_agreement"])
     extra["precision_check"] = judgement
-    extra["validated_on"] = {"provider": providers[0], "check": f"{precision} vs fp32 on "
+    extra["validated_on"] = {"provider": provider, "check": f"{precision} vs fp32 on "
                              f"{judged.studies} validation studies", "onnxruntime": ort.__version__}
     return PrecisionResult(metadata=extra, judgement=judgement, warnings=warnings)
 

@@ -348,10 +348,11 @@ def predict_studies(model: nn.Module, loader: DataLoader[Any], dataset: ViewData
     scores = study_scores(owners, probs, how="mean")
     missing = len(dataset.studies) - len(scores)
     if missing:
-        log.warning("%d validation studies have no decodable view; left out", missing)
+        log.warning("%d studies have no decodable view; left out", missing)
     ids = sorted(scores)  # type: ignore[type-var]
     studies = [dataset.studies[int(i)] for i in ids]  # type: ignore[call-overload]
     return {"labels": [int(s.label or 0) for s in studies], "scores": [scores[i] for i in ids],
+            "studies": [s.path for s in studies],
             "parts": [s.body_part or "unknown" for s in studies],
             "loss": loss_sum / n if n else float("nan"), "views": n}
 
@@ -504,6 +505,8 @@ def train(config: TrainConfig, *, resume: bool = False,
     config = dataclasses.replace(config, data=str(data))
     out = Path(config.out).expanduser().resolve()
     config = dataclasses.replace(config, out=str(out))
+    if config.test is not None:  # resolved before a resume compares it with the saved one
+        config = dataclasses.replace(config, test=str(Path(config.test).expanduser().resolve()))
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     device = pick_device(config.device)
@@ -517,12 +520,17 @@ def train(config: TrainConfig, *, resume: bool = False,
 
     test_given: list[Study] = []
     if config.test is not None:
-        test_root = Path(config.test).expanduser().resolve()
-        config = dataclasses.replace(config, test=str(test_root))
+        test_root = Path(config.test)
         test_given = [s for s in find_studies(test_root) if s.label is not None and s.views]
         if not test_given:
             raise TrainError(f"--test {test_root}: no labelled study with views")
-    split = split_studies(find_studies(data), config.seed, test_given)
+    found = find_studies(data)
+    if test_given:
+        layout_test = sum(1 for s in found if s.split == "test")
+        if layout_test:
+            log.warning("--test %s replaces the %d studies of %s/test, which are left out of "
+                        "every side", config.test, layout_test, data)
+    split = split_studies(found, config.seed, test_given)
     train_studies, valid_studies = split.train, split.valid
     if not train_studies or not valid_studies:
         raise TrainError(
@@ -632,8 +640,10 @@ def train(config: TrainConfig, *, resume: bool = False,
             log.info("epoch %d is the best so far (valid AUROC %.4f)", epoch + 1, auroc)
         write_history(out, history)
     test_metrics = None
-    if split.test and (out / "best.pt").is_file():
+    if split.test and (out / "best.pt").is_file() and first < config.epochs:
         test_metrics = score_test(out / "best.pt", model, split.test, config, device)
+    elif split.test and state is not None:
+        log.info("nothing trained in this run: the test split is not scored again")
     return json_safe({
         "test_metrics": test_metrics,
         "split": {k: v if not isinstance(v, list) else len(v) for k, v in split_record.items()},
@@ -660,8 +670,7 @@ def score_test(best_path: Path, model: nn.Module, studies: Sequence[Study],
     model.load_state_dict(best["model"])
     dataset = ViewDataset(studies, image_size=config.image_size, resize=config.resize)
     if len(dataset) == 0:
-        log.warning("no test view can be read; no test figures")
-        return {}
+        raise TrainError(f"none of the {len(studies)} test studies has a readable view")
     loader = _loader(dataset, dataclasses.replace(config, workers=min(config.workers, 1)),
                      shuffle=False, batch_size=config.batch_size * 2)
     threshold = float(best["threshold"])
@@ -675,9 +684,10 @@ def score_test(best_path: Path, model: nn.Module, studies: Sequence[Study],
     best["test_metrics"] = metrics
     _save(best_path, best)
     (best_path.parent / "test.json").write_text(json.dumps(
-        {**metrics, "scores": pred["scores"], "labels": pred["labels"]}, indent=1,
+        {**metrics, "scores": pred["scores"], "labels": pred["labels"],
+         "studies": pred["studies"]}, indent=1,
         allow_nan=False))
-    log.info("test (scored once, epoch %d, threshold %.3g): AUROC %.4f [%.4f, %.4f], kappa "
-             "%.4f, accuracy %.4f on %d studies", best["epoch"], threshold, metrics["auroc"],
-             *intervals["auroc"], metrics["kappa"], metrics["accuracy"], metrics["n"])
+    log.info("test (scored once, epoch %d, threshold %.3g): AUROC %s %s, kappa %s, accuracy "
+             "%s on %d studies", best["epoch"], threshold, metrics["auroc"],
+             metrics["ci95"]["auroc"], metrics["kappa"], metrics["accuracy"], metrics["n"])
     return metrics

@@ -292,6 +292,9 @@ def test_ensemble_averages_member_probabilities(trained_checkpoint: Path,
     info = parse_metadata(props(out))
     ensemble = info.json_prop("ensemble")
     assert ensemble["members"] == 2 and len(ensemble["metrics"]) == 2
+    # Validated on different data: no shared split to tune on, so the mean, said so.
+    assert info.props["threshold_source"].startswith("mean of the members' thresholds")
+    assert info.json_prop("metrics") == {}
     assert [h["layers"] for h in info.json_prop("head")] == [[], [8]]
     pixels, _ = fresh_views(5, seed=7)
     mean, cam = session(out).run([OUTPUT_PROB, OUTPUT_CAM], {INPUT_NAME: pixels})
@@ -308,7 +311,7 @@ def test_ensemble_averages_member_probabilities(trained_checkpoint: Path,
     assert not (tmp_path / "bad.onnx").exists()
 
 
-def test_int8_ensemble_keeps_the_mean_in_fp32(trained_checkpoint: Path,
+def test_int8_ensemble_keeps_the_mean_in_fp32(trained_checkpoint: Path, sign_data: Path,
                                              tmp_path: Path) -> None:
     """The members' probabilities and CAMs are stacked with a Concat; only Concats that feed
     convolutions are quantized, so the ensemble mean is neither stepped nor clipped to the
@@ -317,8 +320,12 @@ def test_int8_ensemble_keeps_the_mean_in_fp32(trained_checkpoint: Path,
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     members = [str(trained_checkpoint), str(other)]
     export_model(members, str(fp32), cam=True, parity_batches=(1,))
+    # The members were validated on different data: judging needs studies named outright.
+    with pytest.raises(PrecisionError, match="members were validated on different studies"):
+        export_model(members, str(int8), precision="int8", parity_batches=(1,))
     result = export_model(members, str(int8), cam=True, precision="int8",
-                          parity_batches=(1,), calibration_images=16)
+                          parity_batches=(1,), calibration_images=16,
+                          validation=str(sign_data / "valid"))
     assert parse_metadata(props(int8)).json_prop("quantization")["batchnorms_as_convs"] == 172
     graph = onnx.load(str(int8)).graph
     quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}

@@ -306,6 +306,22 @@ def test_test_split_is_scored_once_with_the_chosen_epoch_and_threshold(
     assert len(best["split"]["test"]) == 8 and best["split"]["train_studies"] == 8
     # The history (validation every epoch) never saw the test studies.
     assert all(h["valid"]["n"] == 8 for h in json.loads((out / "history.json").read_text()))
+    # A relative --test path survives a resume (it is resolved before the comparison).
+    import os
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        relative = TrainConfig(data="d", out="rel", epochs=1, image_size=48, batch_size=4,
+                               max_steps=1, workers=0, test="d/test")
+        train(relative)
+        again = train(dataclasses.replace(relative, epochs=2, schedule="constant"),
+                      resume=False)
+        assert again["test_metrics"]["n"] == 8
+        more = dataclasses.replace(relative, out="rel2", schedule="constant")
+        train(more)
+        assert train(dataclasses.replace(more, epochs=2), resume=True)["epochs"] == 2
+    finally:
+        os.chdir(here)
     # --test DIR: another folder is the test set; overlapping train data is refused.
     with pytest.raises(TrainError, match="test studies are also train or validation"):
         train(TrainConfig(data=str(data), out=str(tmp_path / "r2"), epochs=1, image_size=48,
