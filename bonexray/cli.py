@@ -256,6 +256,9 @@ def import_fracatlas_cmd(src: str, out: str, seed: int, valid_fraction: float,
 @click.option("--test", "test_dir", type=click.Path(exists=True, file_okay=False),
               default=None, help="Labelled test studies, scored once after the last epoch "
               "with the chosen epoch and threshold (default: DATA's test/ split, if any).")
+@click.option("--snapshots", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Keep the last K epochs' weights as OUT/epoch<N>.pt (export several as a "
+                   "snapshot ensemble).")
 @click.option("--resume", is_flag=True, help="Continue OUT/last.pt (same settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
@@ -263,7 +266,7 @@ def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr
           weights: str, seed: int, workers: int, max_steps: int | None, device: str,
           head: str, dropout: float, batch_norm: bool, init_: str, freeze: str,
           threshold: str, schedule: str, rotation: float, resize: str, loss_weights: str,
-          test_dir: str | None, resume: bool, as_json: bool) -> None:
+          test_dir: str | None, snapshots: int, resume: bool, as_json: bool) -> None:
     """Train DenseNet-169 on MURA-layout data; writes OUT/best.pt, last.pt, history.*."""
     from bonexray.trainer.progress import RichTrainProgress
     from bonexray.trainer.train import TrainConfig
@@ -280,7 +283,7 @@ def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr
         max_steps=max_steps, device=device, head=layers, dropout=dropout,
         batch_norm=batch_norm, init=init_, freeze=freeze, threshold=threshold,
         schedule=schedule, rotation=rotation, resize=resize, loss_weights=loss_weights,
-        test=test_dir,
+        test=test_dir, snapshots=snapshots,
     )
     with RichTrainProgress() as progress:
         summary = run_training(config, resume=resume, progress=progress)

@@ -81,6 +81,7 @@ class TrainConfig:
     flip: bool = True
     loss_weights: str = "body-part"
     test: str | None = None  # a folder of test studies; None: the layout's test/ split
+    snapshots: int = 0  # keep the last K epochs' weights as OUT/epoch<N>.pt
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -91,6 +92,9 @@ class TrainConfig:
             raise TrainError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.lr is not None and not self.lr > 0:
             raise TrainError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.snapshots <= self.epochs:
+            raise TrainError(f"snapshots must be within 0..epochs ({self.epochs}), got "
+                             f"{self.snapshots}")
         if self.max_steps is not None and self.max_steps < 1:
             raise TrainError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.rotation < 0:
@@ -635,6 +639,10 @@ def train(config: TrainConfig, *, resume: bool = False,
             "rng": torch.get_rng_state(),
         }
         _save(out / "last.pt", payload)
+        if epoch + 1 > config.epochs - config.snapshots:
+            # A snapshot of the last epochs: export several of them as one ensemble.
+            _save(out / f"epoch{epoch + 1}.pt", {k: v for k, v in payload.items()
+                                                  if k not in ("optimizer", "scheduler")})
         if is_best:
             _save(out / "best.pt", payload)
             log.info("epoch %d is the best so far (valid AUROC %.4f)", epoch + 1, auroc)

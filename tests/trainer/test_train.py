@@ -443,3 +443,19 @@ def test_cli_train_variants(mura: Path, tmp_path: Path) -> None:
     assert bad.exit_code != 0 and "512,256" in bad.output
     bad = CliRunner().invoke(cli, ["train", str(mura), "--out", str(out), "--freeze", "some"])
     assert bad.exit_code != 0 and "all-but-K" in bad.output and "Traceback" not in bad.output
+
+
+def test_snapshots_keep_the_last_epochs_for_an_ensemble(mura: Path, tmp_path: Path) -> None:
+    from bonexray.export.onnx import load_members
+
+    out = tmp_path / "snap"
+    train(TrainConfig(data=str(mura), out=str(out), epochs=3, image_size=32, batch_size=4,
+                      max_steps=1, workers=0, snapshots=2))
+    assert sorted(p.name for p in out.glob("epoch*.pt")) == ["epoch2.pt", "epoch3.pt"]
+    members = load_members([out / "epoch2.pt", out / "epoch3.pt"])
+    assert [m.ckpt["epoch"] for m in members] == [2, 3]
+    assert "optimizer" not in members[0].ckpt  # weights and what export reads, no more
+    last = torch.load(out / "last.pt", weights_only=True)
+    torch.testing.assert_close(dict(members[1].net.state_dict()), dict(last["model"]))
+    with pytest.raises(TrainError, match="snapshots must be within 0..epochs"):
+        TrainConfig(data=str(mura), out=str(out), epochs=2, snapshots=3)
