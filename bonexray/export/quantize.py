@@ -96,23 +96,23 @@ def member_splits(members: Sequence[Member]) -> tuple[list[Study], list[Study], 
             "--validation DIR (labelled studies) and, for int8, --calibration DIR"
         )
     if any(m.config.get("data") != data for m in members[1:]):
-        log.warning("ensemble members were trained on different data; calibration and "
-                    "validation come from the first member's, %s", data)
+        log.warning("ensemble members were trained on different data; int8 calibration "
+                    "views come from the first member's, %s", data)
     test_dir = config.get("test")
-    test = [s for s in find_studies(str(test_dir)) if s.label is not None and s.views] \
+    test = _labelled(find_studies(str(test_dir))) \
         if test_dir and Path(str(test_dir)).is_dir() else []
-    split = split_studies(find_studies(str(data)), int(config.get("seed") or 0), test)
+    found = find_studies(str(data))
+    split = split_studies(found, int(config.get("seed") or 0), test)
     recorded = (members[0].ckpt.get("split") or {}).get("valid")
-    if recorded is not None:
-        root = Path(str(data))
-        wanted = {str((root / p).resolve()) if not Path(p).is_absolute() else p
-                  for p in recorded}
-        valid = [s for s in find_studies(str(data)) if s.path in wanted and s.label is not None]
-        if len(valid) != len(wanted):
-            log.warning("%d of the %d validation studies the checkpoint records are not under "
-                        "%s now", len(wanted) - len(valid), len(wanted), data)
-        return split.train, valid, str(data)
-    return split.train, split.valid, str(data)
+    if recorded is None:
+        return split.train, split.valid, str(data)
+    root = Path(str(data))
+    wanted = {p if Path(p).is_absolute() else str((root / p).resolve()) for p in recorded}
+    valid = [s for s in found if s.path in wanted and s.label is not None]
+    if len(valid) != len(wanted):
+        log.warning("%d of the %d validation studies the checkpoint records are not under "
+                    "%s now", len(wanted) - len(valid), len(wanted), data)
+    return split.train, valid, str(data)
 
 
 def _validated_on(member: Member) -> tuple[Any, ...]:
