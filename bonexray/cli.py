@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from bonexray.settings import get_settings
+from bonexray.trainer.recipes import recipe_help
 
 log = logging.getLogger("bonexray")
 
@@ -216,11 +217,20 @@ def import_fracatlas_cmd(src: str, out: str, seed: int, valid_fraction: float,
 @cli.command()
 @click.argument("data", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--recipe", type=click.Choice(["default", "mura"]), default="default",
+              show_default=True,
+              help="Where unset options come from: default (chosen by measurement on real "
+                   "radiographs, README) or mura (MURA's published recipe).")
 @click.option("--epochs", default=8, show_default=True)
-@click.option("--image-size", default=224, show_default=True,
-              help="Input side in px (MURA used 320, the follow-up paper 224).")
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default: recipe's).")
+@click.option("--image-size", type=int, default=None,
+              help=recipe_help("image_size", "Input side in px (MURA used 320, the follow-up "
+                                "paper 224)."))
+@click.option("--batch-size", type=int, default=None, help=recipe_help("batch_size", ""))
+@click.option("--lr", type=float, default=None,
+              help=recipe_help("lr", "Peak learning rate (auto: 1e-3 from scratch, 1e-4 with "
+                                "--weights)."))
+@click.option("--optimizer", type=click.Choice(["auto", "adam", "adamw"]), default=None,
+              help=recipe_help("optimizer", "auto: AdamW from scratch, Adam with --weights."))
 @click.option("--weights", default="none", show_default=True,
               help="none (from scratch), imagenet (torchvision's, from TORCH_HOME), or a "
                    "path to a local DenseNet-169 state dict.")
@@ -237,39 +247,55 @@ def import_fracatlas_cmd(src: str, out: str, seed: int, valid_fraction: float,
               default="default", show_default=True, help="Head initialisation (He, Xavier).")
 @click.option("--freeze", default="none", show_default=True,
               help="none, backbone, or all-but-K (only the last K of 4 dense blocks train).")
-@click.option("--threshold", default="0.5", show_default=True,
-              help="Decision threshold chosen on validation: a number, youden, or "
-                   "sensitivity=X; stored in the checkpoint.")
+@click.option("--threshold", default=None,
+              help=recipe_help("threshold", "Decision threshold chosen on validation: a "
+                                "number, youden, or sensitivity=X; stored in the checkpoint."))
 @click.option("--schedule", type=click.Choice(["auto", "onecycle", "plateau", "cosine",
-                                               "constant"]), default="auto", show_default=True,
-              help="auto: one-cycle from scratch, divide by 10 on plateau with weights.")
-@click.option("--rotation", default=30.0, show_default=True,
-              help="Random rotation up to +-degrees (MURA: 30); 0 turns it off.")
-@click.option("--resize", type=click.Choice(["letterbox", "stretch"]), default="letterbox",
-              show_default=True,
-              help="How views become square: letterbox (keep the aspect ratio, pad) or "
-                   "stretch. Stored in the model file, so workers decode the same way.")
+                                               "constant"]), default=None,
+              help=recipe_help("schedule", "auto: one-cycle from scratch, divide by 10 on "
+                                "plateau with weights."))
+@click.option("--rotation", type=float, default=None,
+              help=recipe_help("rotation", "Random rotation up to +-degrees; 0 turns it off."))
+@click.option("--resize", type=click.Choice(["letterbox", "stretch"]), default=None,
+              help=recipe_help("resize", "How views become square: letterbox (keep the "
+                                "aspect ratio, pad) or stretch. Stored in the model file, so "
+                                "workers decode the same way."))
 @click.option("--loss-weights", type=click.Choice(["body-part", "global", "none"]),
-              default="body-part", show_default=True,
-              help="BCE class weights: body-part (MURA: each part's abnormal/normal share), "
-                   "global (one share over all training views), none.")
+              default=None,
+              help=recipe_help("loss_weights", "BCE class weights: body-part (MURA: each "
+                                "part's abnormal/normal share), global (one share over all "
+                                "training views), none."))
+@click.option("--checkpoint", "checkpoint_rule",
+              type=click.Choice(["best-valid", "last", "ema", "average"]), default=None,
+              help=recipe_help("checkpoint", "Which weights become OUT/best.pt: best-valid "
+                                "(the epoch with the best validation AUROC), last, ema "
+                                "(moving average of the weights, time constant one epoch), "
+                                "average (mean of the last --average-last epochs)."))
+@click.option("--average-last", type=click.IntRange(min=1), default=None,
+              help=recipe_help("average_last", "Epochs averaged by --checkpoint average."))
+@click.option("--candidates", is_flag=True,
+              help="Also write every --checkpoint rule's weights, validated, to "
+                   "OUT/candidates/<rule>.pt (to compare them).")
 @click.option("--test", "test_dir", type=click.Path(exists=True, file_okay=False),
               default=None, help="Labelled test studies, scored once after the last epoch "
-              "with the chosen epoch and threshold (default: DATA's test/ split, if any).")
+              "with the kept weights and threshold (default: DATA's test/ split, if any).")
 @click.option("--snapshots", default=0, show_default=True, type=click.IntRange(min=0),
               help="Keep the last K epochs' weights as OUT/epoch<N>.pt (export several as a "
                    "snapshot ensemble).")
 @click.option("--resume", is_flag=True, help="Continue OUT/last.pt (same settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
-def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr: float | None,
-          weights: str, seed: int, workers: int, max_steps: int | None, device: str,
-          head: str, dropout: float, batch_norm: bool, init_: str, freeze: str,
-          threshold: str, schedule: str, rotation: float, resize: str, loss_weights: str,
-          test_dir: str | None, snapshots: int, resume: bool, as_json: bool) -> None:
+def train(data: str, out: str, recipe: str, epochs: int, image_size: int | None,
+          batch_size: int | None, lr: float | None, optimizer: str | None, weights: str,
+          seed: int, workers: int, max_steps: int | None, device: str, head: str,
+          dropout: float, batch_norm: bool, init_: str, freeze: str, threshold: str | None,
+          schedule: str | None, rotation: float | None, resize: str | None,
+          loss_weights: str | None, checkpoint_rule: str | None, average_last: int | None,
+          candidates: bool, test_dir: str | None, snapshots: int, resume: bool,
+          as_json: bool) -> None:
     """Train DenseNet-169 on MURA-layout data; writes OUT/best.pt, last.pt, history.*."""
     from bonexray.trainer.progress import RichTrainProgress
-    from bonexray.trainer.train import TrainConfig
+    from bonexray.trainer.train import recipe_config
     from bonexray.trainer.train import train as run_training
 
     try:
@@ -277,12 +303,14 @@ def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr
     except ValueError:
         raise click.BadParameter(f"{head!r} is not a list of widths like 512,256",
                                  param_hint="--head") from None
-    config = TrainConfig(
-        data=data, out=out, epochs=epochs, image_size=image_size, batch_size=batch_size,
-        lr=lr, weights=None if weights == "none" else weights, seed=seed, workers=workers,
+    config = recipe_config(
+        recipe, data=data, out=out, epochs=epochs, image_size=image_size,
+        batch_size=batch_size, lr=lr, optimizer=optimizer,
+        weights=None if weights == "none" else weights, seed=seed, workers=workers,
         max_steps=max_steps, device=device, head=layers, dropout=dropout,
         batch_norm=batch_norm, init=init_, freeze=freeze, threshold=threshold,
         schedule=schedule, rotation=rotation, resize=resize, loss_weights=loss_weights,
+        checkpoint=checkpoint_rule, average_last=average_last, candidates=candidates,
         test=test_dir, snapshots=snapshots,
     )
     with RichTrainProgress() as progress:
@@ -291,14 +319,18 @@ def train(data: str, out: str, epochs: int, image_size: int, batch_size: int, lr
         click.echo(json.dumps(summary, default=str))
         return
     best = summary.get("best_metrics") or {}
-    click.echo(f"best epoch {summary['best_epoch']}: valid AUROC {_fmt(best.get('auroc'))}, "
-               f"kappa {_fmt(best.get('kappa'))}, accuracy {_fmt(best.get('accuracy'))}, "
-               f"F1 {_fmt(best.get('f1'))} on {best.get('n')} studies at threshold "
-               f"{_fmt(summary.get('threshold'))}; checkpoint {summary['best']}")
+    epochs_kept = summary.get("kept_epochs") or [summary["best_epoch"]]
+    span = (f"epoch {epochs_kept[0]}" if len(epochs_kept) == 1
+            else f"epochs {epochs_kept[0]}-{epochs_kept[-1]}")
+    click.echo(f"kept weights: {summary.get('kept')} ({span}): valid AUROC "
+               f"{_fmt(best.get('auroc'))}, kappa {_fmt(best.get('kappa'))}, accuracy "
+               f"{_fmt(best.get('accuracy'))}, F1 {_fmt(best.get('f1'))} on {best.get('n')} "
+               f"studies at threshold {_fmt(summary.get('threshold'))}; checkpoint "
+               f"{summary['best']}")
     tested = summary.get("test_metrics")
     if tested:
         low, high = (tested.get("ci95") or {}).get("auroc") or (None, None)
-        click.echo(f"test (scored once, epoch {tested['epoch']}): AUROC "
+        click.echo(f"test (scored once, {tested.get('kept', 'best-valid')} weights): AUROC "
                    f"{_fmt(tested.get('auroc'))} (95% CI {_fmt(low)}-{_fmt(high)}), kappa "
                    f"{_fmt(tested.get('kappa'))}, accuracy {_fmt(tested.get('accuracy'))}, F1 "
                    f"{_fmt(tested.get('f1'))} on {tested.get('n')} studies")

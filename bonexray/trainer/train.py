@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from bonexray.imaging import DEFAULT_RESIZE, RESIZE_RULES
+from bonexray.imaging import RESIZE_RULES
 from bonexray.metrics import (
     bootstrap_ci,
     choose_threshold,
@@ -31,6 +31,7 @@ from bonexray.metrics import (
 from bonexray.studies import Study, find_studies
 from bonexray.trainer.data import TrainAugment, ViewDataset, collate_views
 from bonexray.trainer.model import ARCHITECTURE, INITS, BoneXRayNet, parse_freeze
+from bonexray.trainer.recipes import DEFAULT, RECIPES
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,20 @@ SCHEDULES = ("auto", "onecycle", "plateau", "cosine", "constant")
 # body-part: MURA's (each part's own abnormal/normal share); global: one share over all
 # training views (keeps the parts' different prevalences as a prior); none: plain BCE.
 LOSS_WEIGHTS = ("body-part", "global", "none")
+# Which weights a run keeps as best.pt: best-valid (the epoch with the best validation
+# AUROC, MURA's way), last (the last epoch's), ema (an exponential moving average of the
+# weights over training, time constant one epoch), average (the mean of the last
+# --average-last epochs' weights).
+CHECKPOINT_RULES = ("best-valid", "last", "ema", "average")
+# auto: AdamW from scratch, Adam (MURA's) with initial weights.
+OPTIMIZERS = ("auto", "adam", "adamw")
 # Settings a resumed run must share with the run it continues (epochs may grow).
 _RESUME_KEYS = ("data", "image_size", "batch_size", "lr", "weights", "seed", "rotation",
                 "flip", "head", "dropout", "batch_norm", "init", "resize", "freeze",
-                "schedule", "threshold", "loss_weights", "test")
-_RESUME_DEFAULTS = {"loss_weights": "body-part", "test": None}
+                "schedule", "threshold", "loss_weights", "test", "checkpoint",
+                "average_last", "optimizer")
+_RESUME_DEFAULTS = {"loss_weights": "body-part", "test": None, "checkpoint": "best-valid",
+                    "average_last": 3, "optimizer": "auto"}
 
 
 class TrainError(ValueError):
@@ -61,27 +71,32 @@ class TrainConfig:
     data: str
     out: str
     epochs: int = 8
-    image_size: int = 224
-    batch_size: int = 16
-    lr: float | None = None  # None: 1e-3 peak from scratch, 1e-4 with weights
+    image_size: int = DEFAULT["image_size"]
+    batch_size: int = DEFAULT["batch_size"]
+    lr: float | None = DEFAULT["lr"]  # None: 1e-3 peak from scratch, 1e-4 with weights
     weights: str | None = None  # None, "imagenet" or a state dict path
     seed: int = 0
     workers: int = 2
     max_steps: int | None = None  # cap on steps per epoch (tests, smoke runs)
-    rotation: float = 30.0
+    rotation: float = DEFAULT["rotation"]
     device: str = "auto"
     head: tuple[int, ...] = ()
     dropout: float = 0.0
     batch_norm: bool = False
     init: str = "default"
-    resize: str = DEFAULT_RESIZE
+    resize: str = DEFAULT["resize"]
     freeze: str = "none"  # none, backbone, all-but-K (dense blocks that train)
-    threshold: str = "0.5"  # rule chosen on validation: a number, youden, sensitivity=X
-    schedule: str = "auto"
-    flip: bool = True
-    loss_weights: str = "body-part"
+    threshold: str = DEFAULT["threshold"]  # a number, youden, sensitivity=X (on validation)
+    schedule: str = DEFAULT["schedule"]
+    flip: bool = DEFAULT["flip"]
+    loss_weights: str = DEFAULT["loss_weights"]
     test: str | None = None  # a folder of test studies; None: the layout's test/ split
     snapshots: int = 0  # keep the last K epochs' weights as OUT/epoch<N>.pt
+    checkpoint: str = DEFAULT["checkpoint"]  # which weights become best.pt (CHECKPOINT_RULES)
+    average_last: int = DEFAULT["average_last"]  # epochs averaged by checkpoint="average"
+    candidates: bool = False  # also write every rule's weights to OUT/candidates/
+    optimizer: str = DEFAULT["optimizer"]
+    recipe: str = "custom"  # the name of the recipe the settings came from (a record)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -95,6 +110,14 @@ class TrainConfig:
         if not 0 <= self.snapshots <= self.epochs:
             raise TrainError(f"snapshots must be within 0..epochs ({self.epochs}), got "
                              f"{self.snapshots}")
+        if self.checkpoint not in CHECKPOINT_RULES:
+            raise TrainError(f"unknown checkpoint rule {self.checkpoint!r}; choose one of "
+                             f"{', '.join(CHECKPOINT_RULES)}")
+        if self.average_last < 1:
+            raise TrainError(f"average_last must be >= 1, got {self.average_last}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainError(f"unknown optimizer {self.optimizer!r}; choose one of "
+                             f"{', '.join(OPTIMIZERS)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise TrainError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.rotation < 0:
@@ -132,6 +155,64 @@ class TrainConfig:
         if self.freeze != "none" and self.weights is None:
             log.warning("freezing %s of a network that starts from random weights",
                         self.freeze)
+
+
+def recipe_config(recipe: str, **given: Any) -> TrainConfig:
+    """A TrainConfig from a named recipe, with the settings in `given` (not None) on top."""
+    if recipe not in RECIPES:
+        raise TrainError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    chosen = {**RECIPES[recipe], **{k: v for k, v in given.items() if v is not None}}
+    if recipe == "mura" and chosen.get("weights") is None:
+        log.warning("recipe mura: MURA fine-tuned ImageNet weights; this run starts from "
+                    "random weights (pass --weights imagenet or a state dict file)")
+    return TrainConfig(**chosen, recipe=recipe)
+
+
+class WeightEMA:
+    """An exponential moving average of a model's parameters and buffers (BatchNorm's
+    running statistics included, as timm's ModelEmaV2 does), updated after every step.
+
+    decay: per step; the trainer uses 1 - 1/steps_per_epoch (a time constant of one epoch),
+    warmed up as (1 + t) / (10 + t) so that a short run is not dominated by its start.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.live = list(model.state_dict().values())  # shares storage with the model
+        self.names = list(model.state_dict().keys())
+        self.shadow = [v.detach().clone() for v in self.live]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        floats = [(e, v) for e, v in zip(self.shadow, self.live, strict=True)
+                  if e.is_floating_point()]
+        torch._foreach_lerp_([e for e, _ in floats], [v for _, v in floats], 1.0 - decay)
+        for e, v in zip(self.shadow, self.live, strict=True):
+            if not e.is_floating_point():
+                e.copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in zip(self.names, self.shadow,
+                                                               strict=True)}
+
+    def load(self, state: dict[str, torch.Tensor], updates: int) -> None:
+        for name, tensor in zip(self.names, self.shadow, strict=True):
+            tensor.copy_(state[name])
+        self.updates = updates
+
+
+def average_weights(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean of several state dicts (floating tensors; others from the last one)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, last in states[-1].items():
+        if last.is_floating_point():
+            out[name] = torch.stack([s[name].float() for s in states]).mean(0).to(last.dtype)
+        else:
+            out[name] = last.clone()
+    return out
 
 
 class Progress(Protocol):
@@ -294,7 +375,7 @@ def _memory_format(device: torch.device) -> torch.memory_format:
 def train_one_epoch(model: nn.Module, loader: DataLoader[Any], weights: torch.Tensor,
                     optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
                     *, max_steps: int | None, epoch: int, step_scheduler: bool,
-                    progress: Progress | None = None) -> float:
+                    progress: Progress | None = None, ema: WeightEMA | None = None) -> float:
     """One pass over the training views; the mean weighted loss."""
     model.train()
     total, seen, started = 0.0, 0, time.monotonic()
@@ -316,6 +397,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader[Any], weights: torch.Te
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.update()
             total += float(loss.detach()) * pixels.shape[0]
             seen += pixels.shape[0]
         if step_scheduler:
@@ -447,11 +530,13 @@ def _optimizer_and_schedule(config: TrainConfig, model: nn.Module,
     schedule = config.schedule
     if schedule == "auto":
         schedule = "onecycle" if config.weights is None else "plateau"
-    if config.weights is None:
-        lr = config.lr or SCRATCH_LR
+    lr = config.lr or (SCRATCH_LR if config.weights is None else FINETUNE_LR)
+    kind = config.optimizer
+    if kind == "auto":
+        kind = "adamw" if config.weights is None else "adam"
+    if kind == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr)
-    else:  # MURA: Adam with its default betas, lr 1e-4
-        lr = config.lr or FINETUNE_LR
+    else:  # MURA: Adam with its default betas
         optimizer = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
     total = max(1, steps * config.epochs)
     scheduler: Any
@@ -574,6 +659,9 @@ def train(config: TrainConfig, *, resume: bool = False,
     history: list[dict[str, Any]] = []
     best_key, best_epoch, best_metrics = -math.inf, -1, {}
     first = 0
+    rules = CHECKPOINT_RULES if config.candidates else (config.checkpoint,)
+    ema = WeightEMA(model, decay=1.0 - 1.0 / max(steps, 1)) if "ema" in rules else None
+    snapshots = max(config.snapshots, config.average_last if "average" in rules else 0)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -583,12 +671,27 @@ def train(config: TrainConfig, *, resume: bool = False,
         best_key = state.get("best_auroc") if state.get("best_auroc") is not None else -math.inf
         best_metrics = dict(state.get("best_metrics") or {})
         first = int(state["epoch"])
+        if ema is not None:
+            if "ema" in state:
+                ema.load(state["ema"], int(state.get("ema_updates", 0)))
+            else:
+                log.warning("%s holds no weight average: the EMA restarts from epoch %d's "
+                            "weights", out / "last.pt", first)
         if "rng" in state:
             torch.set_rng_state(state["rng"])
         log.info("resuming %s after epoch %d of %d", out / "last.pt", first, config.epochs)
         if first >= config.epochs:
             log.info("nothing to do: %d epochs already trained", first)
+    # The best epoch by validation AUROC is written as it happens: as best.pt when that is
+    # the rule, else (with --candidates) as candidates/best-valid.pt.
+    best_valid_path: Path | None = None
+    if config.checkpoint == "best-valid":
+        best_valid_path = out / "best.pt"
+    elif config.candidates:
+        best_valid_path = out / "candidates" / "best-valid.pt"
+        best_valid_path.parent.mkdir(exist_ok=True)
 
+    payload: dict[str, Any] = {}
     for epoch in range(first, config.epochs):
         started = time.monotonic()
         train_set.epoch = epoch
@@ -597,7 +700,7 @@ def train(config: TrainConfig, *, resume: bool = False,
             progress.start_epoch(epoch + 1, config.epochs, steps)
         train_loss = train_one_epoch(model, train_loader, weights, optimizer, scheduler,
                                      device, max_steps=config.max_steps, epoch=epoch,
-                                     step_scheduler=per_step, progress=progress)
+                                     step_scheduler=per_step, progress=progress, ema=ema)
         metrics = evaluate(model, valid_loader, valid_set, device, threshold=config.threshold)
         if not per_step:
             scheduler.step(metrics["loss"])
@@ -620,8 +723,6 @@ def train(config: TrainConfig, *, resume: bool = False,
         payload = {
             "format": CHECKPOINT_FORMAT,
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
             "epoch": epoch + 1,
             "config": config_dict,
             "architecture": ARCHITECTURE,
@@ -636,29 +737,48 @@ def train(config: TrainConfig, *, resume: bool = False,
             "best_auroc": None if best_key == -math.inf else best_key,
             "best_metrics": best_metrics,
             "split": split_record,
-            "rng": torch.get_rng_state(),
         }
-        _save(out / "last.pt", payload)
-        if epoch + 1 > config.epochs - config.snapshots:
-            # A snapshot of the last epochs: export several of them as one ensemble.
-            _save(out / f"epoch{epoch + 1}.pt", {k: v for k, v in payload.items()
-                                                  if k not in ("optimizer", "scheduler")})
-        if is_best:
-            _save(out / "best.pt", payload)
+        resumable = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "rng": torch.get_rng_state()}
+        if ema is not None:
+            resumable.update(ema=ema.state_dict(), ema_updates=ema.updates)
+        _save(out / "last.pt", {**payload, **resumable})
+        if epoch + 1 > config.epochs - snapshots:
+            # A snapshot of the last epochs: export several of them as one ensemble, or
+            # average their weights (--checkpoint average).
+            _save(out / f"epoch{epoch + 1}.pt", payload)
+        if is_best and best_valid_path is not None:
+            _save(best_valid_path, {**payload, "kept": {"rule": "best-valid",
+                                                        "epochs": [epoch + 1]}})
             log.info("epoch %d is the best so far (valid AUROC %.4f)", epoch + 1, auroc)
         write_history(out, history)
+
+    kept: dict[str, Any] = {}
+    if first < config.epochs:
+        kept = _keep_weights(model, payload, rules, config, out, ema,
+                             lambda m: evaluate(m, valid_loader, valid_set, device,
+                                                threshold=config.threshold))
+    elif (out / "best.pt").is_file():
+        done = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+        kept = {"rule": (done.get("kept") or {}).get("rule", "best-valid"),
+                "epochs": (done.get("kept") or {}).get("epochs", [done.get("epoch")]),
+                "metrics": done.get("metrics") or {}}
     test_metrics = None
     if split.test and (out / "best.pt").is_file() and first < config.epochs:
         test_metrics = score_test(out / "best.pt", model, split.test, config, device)
     elif split.test and state is not None:
         log.info("nothing trained in this run: the test split is not scored again")
+    kept_metrics = kept.get("metrics") or best_metrics
     return json_safe({
         "test_metrics": test_metrics,
         "split": {k: v if not isinstance(v, list) else len(v) for k, v in split_record.items()},
+        "kept": kept.get("rule", config.checkpoint),
+        "kept_epochs": kept.get("epochs"),
+        "candidates": kept.get("candidates"),
         "best_epoch": best_epoch,
-        "best_auroc": best_metrics.get("auroc"),
-        "best_metrics": best_metrics,
-        "threshold": best_metrics.get("threshold"),
+        "best_auroc": kept_metrics.get("auroc"),
+        "best_metrics": kept_metrics,
+        "threshold": kept_metrics.get("threshold"),
         "epochs": config.epochs,
         "device": str(device),
         "train_views": len(train_set),
@@ -668,6 +788,58 @@ def train(config: TrainConfig, *, resume: bool = False,
         "history": str(out / "history.json"),
         "curves": str(out / "curves.png"),
     })
+
+
+def _keep_weights(model: nn.Module, payload: dict[str, Any], rules: Sequence[str],
+                  config: TrainConfig, out: Path, ema: WeightEMA | None,
+                  validate: Any) -> dict[str, Any]:
+    """After the last epoch: the weights of each rule, validated (their own threshold);
+    the configured rule's become best.pt, and with --candidates every rule's is written to
+    OUT/candidates/<rule>.pt. Returns what was kept and every candidate's valid AUROC."""
+    last_epoch = int(payload["epoch"])
+    final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    candidates: dict[str, float | None] = {}
+    kept: dict[str, Any] = {}
+    for rule in rules:
+        if rule == "best-valid":
+            path = out / "best.pt" if config.checkpoint == rule else \
+                out / "candidates" / "best-valid.pt"
+            done = torch.load(path, map_location="cpu", weights_only=True)
+            metrics = done.get("metrics") or {}
+            epochs = (done.get("kept") or {}).get("epochs", [done.get("epoch")])
+            if config.candidates and config.checkpoint == rule:
+                _save(out / "candidates" / "best-valid.pt", done)
+        else:
+            epochs = list(range(1, last_epoch + 1))
+            if rule == "last":
+                weights, epochs = final, [last_epoch]
+            elif rule == "ema":
+                assert ema is not None
+                weights = ema.state_dict()
+            else:
+                epochs = list(range(max(1, last_epoch - config.average_last + 1),
+                                    last_epoch + 1))
+                weights = average_weights([
+                    torch.load(out / f"epoch{n}.pt", map_location="cpu",
+                               weights_only=True)["model"] for n in epochs])
+            model.load_state_dict(weights)
+            metrics = json_safe(validate(model))
+            chosen = {**payload, "model": weights, "metrics": metrics,
+                      "threshold": float(metrics["threshold"]),
+                      "kept": {"rule": rule, "epochs": epochs}}
+            if config.checkpoint == rule:
+                _save(out / "best.pt", chosen)
+            if config.candidates:
+                (out / "candidates").mkdir(exist_ok=True)
+                _save(out / "candidates" / f"{rule}.pt", chosen)
+        candidates[rule] = metrics.get("auroc")
+        log.info("weights %s (%s): valid AUROC %s", rule,
+                 f"epochs {epochs[0]}-{epochs[-1]}" if len(epochs) > 1 else
+                 f"epoch {epochs[0]}", metrics.get("auroc"))
+        if rule == config.checkpoint:
+            kept = {"rule": rule, "epochs": epochs, "metrics": metrics}
+    model.load_state_dict(final)
+    return {**kept, "candidates": candidates}
 
 
 def score_test(best_path: Path, model: nn.Module, studies: Sequence[Study],
@@ -687,6 +859,7 @@ def score_test(best_path: Path, model: nn.Module, studies: Sequence[Study],
     intervals = bootstrap_ci(pred["labels"], pred["scores"], threshold, seed=config.seed)
     metrics = json_safe({**grouped["overall"], "loss": pred["loss"], "views": pred["views"],
                          "threshold": threshold, "epoch": best["epoch"],
+                         "kept": (best.get("kept") or {}).get("rule", "best-valid"),
                          "ci95": {k: list(v) for k, v in intervals.items()},
                          "by_body_part": grouped["by_group"]})
     best["test_metrics"] = metrics

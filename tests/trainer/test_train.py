@@ -459,3 +459,123 @@ def test_snapshots_keep_the_last_epochs_for_an_ensemble(mura: Path, tmp_path: Pa
     torch.testing.assert_close(dict(members[1].net.state_dict()), dict(last["model"]))
     with pytest.raises(TrainError, match="snapshots must be within 0..epochs"):
         TrainConfig(data=str(mura), out=str(out), epochs=2, snapshots=3)
+
+
+def test_weight_ema_follows_parameters_and_batchnorm_statistics() -> None:
+    from bonexray.trainer.train import WeightEMA
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = WeightEMA(net, decay=0.5)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    expected = {k: v.clone() for k, v in start.items()}
+    for _ in range(3):
+        with torch.no_grad():
+            net[0].weight.add_(1.0)  # in place, as an optimizer step is
+        net.train()(torch.randn(4, 3))  # moves BatchNorm's running statistics
+        ema.update()
+        d = min(0.5, (1 + ema.updates) / (10 + ema.updates))
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                expected[k] = d * expected[k] + (1 - d) * v
+            else:
+                expected[k] = v.clone()
+    got = ema.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v)
+    assert got["1.num_batches_tracked"] == 3  # integer buffers are copied, not averaged
+    assert not torch.equal(got["0.weight"], net.state_dict()["0.weight"])
+
+
+def test_checkpoint_rules_keep_the_weights_they_name(mura: Path, tmp_path: Path) -> None:
+    from bonexray.trainer.train import average_weights
+
+    data = make_mura(tmp_path / "d", patients=2, splits=("train", "valid", "test"))
+    out = tmp_path / "ema"
+    summary = train(TrainConfig(data=str(data), out=str(out), epochs=3, image_size=32,
+                                batch_size=4, max_steps=2, workers=0, checkpoint="ema",
+                                candidates=True, average_last=2))
+    assert summary["kept"] == "ema" and summary["kept_epochs"] == [1, 2, 3]
+    assert set(summary["candidates"]) == {"best-valid", "last", "ema", "average"}
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["kept"] == {"rule": "ema", "epochs": [1, 2, 3]}
+    assert "optimizer" not in best and "ema" not in best
+    last = torch.load(out / "last.pt", weights_only=True)
+    torch.testing.assert_close(best["model"], last["ema"])
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    # best.pt's threshold and metrics are its own weights' on validation; test used them.
+    assert best["metrics"]["auroc"] == summary["best_auroc"] == summary["candidates"]["ema"]
+    assert best["test_metrics"]["kept"] == "ema" and summary["test_metrics"]["n"] == 8
+    cand = {p.stem: torch.load(p, weights_only=True) for p in (out / "candidates").glob("*.pt")}
+    torch.testing.assert_close(cand["ema"]["model"], best["model"])
+    torch.testing.assert_close(cand["last"]["model"], last["model"])
+    # average: the mean of the last two epochs' weights, which the run kept as snapshots.
+    snaps = [torch.load(out / f"epoch{n}.pt", weights_only=True)["model"] for n in (2, 3)]
+    key = "net.features.conv0.weight"
+    torch.testing.assert_close(cand["average"]["model"][key], (snaps[0][key] + snaps[1][key]) / 2)
+    torch.testing.assert_close(average_weights(snaps)[key], cand["average"]["model"][key])
+    assert cand["average"]["kept"]["epochs"] == [2, 3]
+    assert cand["best-valid"]["kept"]["rule"] == "best-valid"
+    # The last epoch's weights: best.pt is last.pt's model.
+    out2 = tmp_path / "last"
+    train(TrainConfig(data=str(mura), out=str(out2), epochs=2, image_size=32, batch_size=4,
+                      max_steps=1, workers=0, checkpoint="last"))
+    torch.testing.assert_close(torch.load(out2 / "best.pt", weights_only=True)["model"],
+                               torch.load(out2 / "last.pt", weights_only=True)["model"])
+    assert not (out2 / "candidates").exists()
+
+
+def test_resume_continues_the_weight_average(mura: Path, tmp_path: Path) -> None:
+    def config(out: Path, epochs: int) -> TrainConfig:
+        return TrainConfig(data=str(mura), out=str(out), epochs=epochs, image_size=32,
+                           batch_size=4, max_steps=2, workers=0, schedule="constant",
+                           lr=1e-3, checkpoint="ema")
+
+    train(config(tmp_path / "straight", 2))
+    train(config(tmp_path / "split", 1))
+    train(config(tmp_path / "split", 2), resume=True)
+    a = torch.load(tmp_path / "straight" / "best.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "best.pt", weights_only=True)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
+    with pytest.raises(TrainError, match="checkpoint: 'ema' -> 'last'"):
+        train(dataclasses.replace(config(tmp_path / "split", 3), checkpoint="last"),
+              resume=True)
+
+
+def test_recipes_fill_what_is_not_given(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> \
+        None:
+    from bonexray.trainer.recipes import RECIPES
+    from bonexray.trainer.train import recipe_config
+
+    plain = recipe_config("default", data="d", out="o", image_size=None)
+    assert plain == TrainConfig(data="d", out="o", recipe="default")
+    with caplog.at_level(logging.WARNING):
+        mura = recipe_config("mura", data="d", out="o", batch_size=4)
+    assert "ImageNet weights" in caplog.text
+    assert (mura.image_size, mura.batch_size, mura.lr, mura.optimizer, mura.schedule) == \
+        (320, 4, 1e-4, "adam", "plateau")
+    assert (mura.loss_weights, mura.checkpoint, mura.rotation, mura.recipe) == \
+        ("body-part", "best-valid", 30.0, "mura")
+    # Every recipe names every setting the recipes control, so none leaks from another.
+    assert len({frozenset(r) for r in RECIPES.values()}) == 1
+    with pytest.raises(TrainError, match="unknown recipe 'fast'; choose one of default, mura"):
+        recipe_config("fast", data="d", out="o")
+
+
+def test_cli_recipe_mura_trains_with_adam(mura: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from bonexray.cli import cli
+
+    out = tmp_path / "m"
+    result = CliRunner().invoke(cli, [
+        "train", str(mura), "--out", str(out), "--recipe", "mura", "--epochs", "1",
+        "--image-size", "32", "--max-steps", "1", "--workers", "0", "--json"])
+    assert result.exit_code == 0, result.output
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["config"]["recipe"] == "mura" and ckpt["config"]["batch_size"] == 8
+    assert ckpt["config"]["image_size"] == 32  # given on the command line: it wins
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    assert "betas" in ckpt["optimizer"]["param_groups"][0]
+    assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0  # Adam, not AdamW
+    assert ckpt["scheduler"].get("patience") == 0  # divide on plateau, MURA's

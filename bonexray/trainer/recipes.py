@@ -1,0 +1,34 @@
+"""Named training recipes (no torch import: the CLI's help reads them).
+
+default: the settings `bonexray train` uses unless told otherwise, each chosen by
+measurement on real radiographs (README, benchmarks/RESULTS.md "Training").
+mura: MURA's published recipe (Rajpurkar et al. 2017): 320 x 320 inputs, batch 8, Adam
+(0.9, 0.999) at 1e-4 divided by 10 when the validation loss stops improving, per-body-part
+class weights, flips and +-30 degree rotations, the epoch with the best validation figure
+kept. MURA started from ImageNet weights: pass --weights too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {"image_size": 224, "batch_size": 16, "lr": None, "optimizer": "auto",
+                "schedule": "auto", "rotation": 30.0, "flip": True, "resize": "letterbox",
+                "loss_weights": "body-part", "checkpoint": "best-valid", "average_last": 3,
+                "threshold": "0.5"},
+    "mura": {"image_size": 320, "batch_size": 8, "lr": 1e-4, "optimizer": "adam",
+             "schedule": "plateau", "rotation": 30.0, "flip": True, "resize": "stretch",
+             "loss_weights": "body-part", "checkpoint": "best-valid", "average_last": 3,
+             "threshold": "0.5"},
+}
+DEFAULT = RECIPES["default"]
+
+
+def recipe_help(field: str, text: str) -> str:
+    """An option's help with its value in each recipe."""
+    def show(value: Any) -> str:
+        return "auto" if value is None else str(value)
+
+    return (f"{text} [default: {show(RECIPES['default'][field])}; --recipe mura: "
+            f"{show(RECIPES['mura'][field])}]").lstrip()
