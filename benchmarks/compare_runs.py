@@ -4,7 +4,8 @@ between two recipes (e.g. `bonexray train`'s defaults against benchmarks/plain_l
     python benchmarks/compare_runs.py --a RUN/test.json ... --b SCORES.json ... \
         [--names defaults plain] [--resamples 2000]
 
-Each file holds "scores" and "labels" of the same test studies in the same order (what
+Each file holds "scores" and "labels" of the same test studies, paired by "studies" when
+the files name them, else by position (what
 `bonexray train` writes to OUT/test.json and `plain_loop.py --out` writes). Prints one
 JSON object: each run's AUROC with its 95% percentile bootstrap interval (studies
 resampled), each recipe's mean over its runs (seeds), and the difference of the means with
@@ -24,9 +25,16 @@ from bonexray.metrics import auroc, bootstrap_ci
 
 
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Labels, scores and study names; when the file names its studies, in sorted study
+    order (so that files which list the same studies in other orders pair up)."""
     data = json.loads(path.read_text())
-    return (np.asarray(data["labels"], dtype=np.int64), np.asarray(data["scores"], dtype=float),
-            data.get("studies"))
+    labels = np.asarray(data["labels"], dtype=np.int64)
+    scores = np.asarray(data["scores"], dtype=float)
+    studies = data.get("studies")
+    if studies:
+        order = np.argsort(np.asarray(studies, dtype=object).astype(str), kind="stable")
+        return labels[order], scores[order], [studies[i] for i in order]
+    return labels, scores, studies
 
 
 def _paired_auroc(labels: np.ndarray, runs: list[np.ndarray], idx: np.ndarray) -> np.ndarray:

@@ -281,7 +281,7 @@ def import_fracatlas_cmd(src: str, out: str, seed: int, valid_fraction: float,
               "with the kept weights and threshold (default: DATA's test/ split, if any).")
 @click.option("--snapshots", default=0, show_default=True, type=click.IntRange(min=0),
               help="Keep the last K epochs' weights as OUT/epoch<N>.pt (export several as a "
-                   "snapshot ensemble).")
+                   "snapshot ensemble; --checkpoint average keeps at least --average-last).")
 @click.option("--resume", is_flag=True, help="Continue OUT/last.pt (same settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @user_errors
@@ -318,7 +318,7 @@ def train(data: str, out: str, recipe: str, epochs: int, image_size: int | None,
     if as_json:
         click.echo(json.dumps(summary, default=str))
         return
-    best = summary.get("best_metrics") or {}
+    best = summary.get("kept_metrics") or {}
     epochs_kept = summary.get("kept_epochs") or [summary["best_epoch"]]
     span = (f"epoch {epochs_kept[0]}" if len(epochs_kept) == 1
             else f"epochs {epochs_kept[0]}-{epochs_kept[-1]}")

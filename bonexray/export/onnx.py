@@ -232,6 +232,9 @@ def _training_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
     config = ckpt.get("config") or {}
     summary = {k: config[k] for k in _TRAINING_KEYS if k in config}
     summary["epoch"] = ckpt.get("epoch")
+    # Which weights: the best epoch on validation, the last, a moving average, an average.
+    summary["weights"] = dict(ckpt.get("kept") or {"rule": "best-valid",
+                                                   "epochs": [ckpt.get("epoch")]})
     return json_safe(summary)
 
 

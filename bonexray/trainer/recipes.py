@@ -4,8 +4,9 @@ default: the settings `bonexray train` uses unless told otherwise, each chosen b
 measurement on real radiographs (README, benchmarks/RESULTS.md "Training").
 mura: MURA's published recipe (Rajpurkar et al. 2017): 320 x 320 inputs, batch 8, Adam
 (0.9, 0.999) at 1e-4 divided by 10 when the validation loss stops improving, per-body-part
-class weights, flips and +-30 degree rotations, the epoch with the best validation figure
-kept. MURA started from ImageNet weights: pass --weights too.
+class weights, flips and +-30 degree rotations. MURA kept the models with the lowest
+validation loss; this recipe keeps the epoch with the best validation AUROC. MURA started
+from ImageNet weights: pass --weights too.
 """
 
 from __future__ import annotations

@@ -45,9 +45,9 @@ SCHEDULES = ("auto", "onecycle", "plateau", "cosine", "constant")
 # training views (keeps the parts' different prevalences as a prior); none: plain BCE.
 LOSS_WEIGHTS = ("body-part", "global", "none")
 # Which weights a run keeps as best.pt: best-valid (the epoch with the best validation
-# AUROC, MURA's way), last (the last epoch's), ema (an exponential moving average of the
-# weights over training, time constant one epoch), average (the mean of the last
-# --average-last epochs' weights).
+# AUROC; MURA kept its models by the lowest validation loss), last (the last epoch's), ema
+# (an exponential moving average of the weights over training, time constant one epoch),
+# average (the mean of the last --average-last epochs' weights).
 CHECKPOINT_RULES = ("best-valid", "last", "ema", "average")
 # auto: AdamW from scratch, Adam (MURA's) with initial weights.
 OPTIMIZERS = ("auto", "adam", "adamw")
@@ -55,9 +55,9 @@ OPTIMIZERS = ("auto", "adam", "adamw")
 _RESUME_KEYS = ("data", "image_size", "batch_size", "lr", "weights", "seed", "rotation",
                 "flip", "head", "dropout", "batch_norm", "init", "resize", "freeze",
                 "schedule", "threshold", "loss_weights", "test", "checkpoint",
-                "average_last", "optimizer")
+                "average_last", "optimizer", "candidates")
 _RESUME_DEFAULTS = {"loss_weights": "body-part", "test": None, "checkpoint": "best-valid",
-                    "average_last": 3, "optimizer": "auto"}
+                    "average_last": 3, "optimizer": "auto", "candidates": False}
 
 
 class TrainError(ValueError):
@@ -660,8 +660,13 @@ def train(config: TrainConfig, *, resume: bool = False,
     best_key, best_epoch, best_metrics = -math.inf, -1, {}
     first = 0
     rules = CHECKPOINT_RULES if config.candidates else (config.checkpoint,)
-    ema = WeightEMA(model, decay=1.0 - 1.0 / max(steps, 1)) if "ema" in rules else None
     snapshots = max(config.snapshots, config.average_last if "average" in rules else 0)
+    if state is None:
+        # A fresh run in OUT: what an earlier run kept there is not this run's.
+        for stale in [out / "best.pt", *sorted((out / "candidates").glob("*.pt"))]:
+            if stale.is_file():
+                log.info("a new run in %s: removing the earlier run's %s", out, stale.name)
+                stale.unlink()
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -671,17 +676,20 @@ def train(config: TrainConfig, *, resume: bool = False,
         best_key = state.get("best_auroc") if state.get("best_auroc") is not None else -math.inf
         best_metrics = dict(state.get("best_metrics") or {})
         first = int(state["epoch"])
-        if ema is not None:
-            if "ema" in state:
-                ema.load(state["ema"], int(state.get("ema_updates", 0)))
-            else:
-                log.warning("%s holds no weight average: the EMA restarts from epoch %d's "
-                            "weights", out / "last.pt", first)
         if "rng" in state:
             torch.set_rng_state(state["rng"])
         log.info("resuming %s after epoch %d of %d", out / "last.pt", first, config.epochs)
         if first >= config.epochs:
             log.info("nothing to do: %d epochs already trained", first)
+    ema = WeightEMA(model, decay=1.0 - 1.0 / max(steps, 1)) if "ema" in rules else None
+    if ema is not None and state is not None:
+        if "ema" in state:
+            ema.load(state["ema"], int(state.get("ema_updates", 0)))
+        else:
+            log.warning("%s holds no weight average: the EMA starts from epoch %d's weights",
+                        out / "last.pt", first)
+    if config.candidates:
+        (out / "candidates").mkdir(exist_ok=True)
     # The best epoch by validation AUROC is written as it happens: as best.pt when that is
     # the rule, else (with --candidates) as candidates/best-valid.pt.
     best_valid_path: Path | None = None
@@ -689,7 +697,6 @@ def train(config: TrainConfig, *, resume: bool = False,
         best_valid_path = out / "best.pt"
     elif config.candidates:
         best_valid_path = out / "candidates" / "best-valid.pt"
-        best_valid_path.parent.mkdir(exist_ok=True)
 
     payload: dict[str, Any] = {}
     for epoch in range(first, config.epochs):
@@ -753,32 +760,46 @@ def train(config: TrainConfig, *, resume: bool = False,
             log.info("epoch %d is the best so far (valid AUROC %.4f)", epoch + 1, auroc)
         write_history(out, history)
 
+    def validate(m: nn.Module) -> dict[str, Any]:
+        return evaluate(m, valid_loader, valid_set, device, threshold=config.threshold)
+
     kept: dict[str, Any] = {}
-    if first < config.epochs:
-        kept = _keep_weights(model, payload, rules, config, out, ema,
-                             lambda m: evaluate(m, valid_loader, valid_set, device,
-                                                threshold=config.threshold))
-    elif (out / "best.pt").is_file():
-        done = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+    done = torch.load(out / "best.pt", map_location="cpu", weights_only=True) \
+        if (out / "best.pt").is_file() else None
+    finished = first >= config.epochs and done is not None and \
+        (done.get("kept") or {}).get("rule", "best-valid") == config.checkpoint
+    if first < config.epochs or not finished:
+        if state is not None and first >= config.epochs:
+            # The last epoch was saved but the run stopped before it kept its weights.
+            log.info("the run stopped before keeping its weights: keeping them now")
+            payload = {k: v for k, v in state.items()
+                       if k not in ("optimizer", "scheduler", "rng", "ema", "ema_updates")}
+        if payload:
+            kept = _keep_weights(model, payload, rules, config, out, ema, validate)
+    elif done is not None:
         kept = {"rule": (done.get("kept") or {}).get("rule", "best-valid"),
                 "epochs": (done.get("kept") or {}).get("epochs", [done.get("epoch")]),
                 "metrics": done.get("metrics") or {}}
     test_metrics = None
-    if split.test and (out / "best.pt").is_file() and first < config.epochs:
+    if split.test and (out / "best.pt").is_file() and kept.get("candidates") is not None:
         test_metrics = score_test(out / "best.pt", model, split.test, config, device)
     elif split.test and state is not None:
         log.info("nothing trained in this run: the test split is not scored again")
-    kept_metrics = kept.get("metrics") or best_metrics
+    kept_metrics = kept.get("metrics") or {}
     return json_safe({
         "test_metrics": test_metrics,
         "split": {k: v if not isinstance(v, list) else len(v) for k, v in split_record.items()},
+        # What best.pt holds: the rule, the epochs its weights come from, its validation
+        # figures and threshold; every rule's validation AUROC with --candidates.
         "kept": kept.get("rule", config.checkpoint),
         "kept_epochs": kept.get("epochs"),
-        "candidates": kept.get("candidates"),
-        "best_epoch": best_epoch,
-        "best_auroc": kept_metrics.get("auroc"),
-        "best_metrics": kept_metrics,
+        "kept_metrics": kept_metrics,
         "threshold": kept_metrics.get("threshold"),
+        "candidates": kept.get("candidates"),
+        # The best epoch by validation AUROC (the history's record, whatever was kept).
+        "best_epoch": best_epoch,
+        "best_auroc": best_metrics.get("auroc"),
+        "best_metrics": best_metrics,
         "epochs": config.epochs,
         "device": str(device),
         "train_views": len(train_set),
@@ -822,15 +843,17 @@ def _keep_weights(model: nn.Module, payload: dict[str, Any], rules: Sequence[str
                 weights = average_weights([
                     torch.load(out / f"epoch{n}.pt", map_location="cpu",
                                weights_only=True)["model"] for n in epochs])
-            model.load_state_dict(weights)
-            metrics = json_safe(validate(model))
+            if rule == "last":  # the last epoch's own validation
+                metrics = json_safe(payload["metrics"])
+            else:
+                model.load_state_dict(weights)
+                metrics = json_safe(validate(model))
             chosen = {**payload, "model": weights, "metrics": metrics,
                       "threshold": float(metrics["threshold"]),
                       "kept": {"rule": rule, "epochs": epochs}}
             if config.checkpoint == rule:
                 _save(out / "best.pt", chosen)
             if config.candidates:
-                (out / "candidates").mkdir(exist_ok=True)
                 _save(out / "candidates" / f"{rule}.pt", chosen)
         candidates[rule] = metrics.get("auroc")
         log.info("weights %s (%s): valid AUROC %s", rule,

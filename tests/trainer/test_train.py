@@ -503,7 +503,8 @@ def test_checkpoint_rules_keep_the_weights_they_name(mura: Path, tmp_path: Path)
     torch.testing.assert_close(best["model"], last["ema"])
     assert not all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
     # best.pt's threshold and metrics are its own weights' on validation; test used them.
-    assert best["metrics"]["auroc"] == summary["best_auroc"] == summary["candidates"]["ema"]
+    assert best["metrics"]["auroc"] == summary["kept_metrics"]["auroc"] == \
+        summary["candidates"]["ema"]
     assert best["test_metrics"]["kept"] == "ema" and summary["test_metrics"]["n"] == 8
     cand = {p.stem: torch.load(p, weights_only=True) for p in (out / "candidates").glob("*.pt")}
     torch.testing.assert_close(cand["ema"]["model"], best["model"])
@@ -522,6 +523,18 @@ def test_checkpoint_rules_keep_the_weights_they_name(mura: Path, tmp_path: Path)
     torch.testing.assert_close(torch.load(out2 / "best.pt", weights_only=True)["model"],
                                torch.load(out2 / "last.pt", weights_only=True)["model"])
     assert not (out2 / "candidates").exists()
+    # The default rule with --candidates: best.pt is the best epoch, and candidates/ holds
+    # it too; a fresh run in the same folder removes what the earlier run kept.
+    summary = train(TrainConfig(data=str(mura), out=str(out2), epochs=2, image_size=32,
+                                batch_size=4, max_steps=1, workers=0, candidates=True))
+    assert summary["kept"] == "best-valid" and summary["kept_epochs"] == [summary["best_epoch"]]
+    best = torch.load(out2 / "best.pt", weights_only=True)
+    torch.testing.assert_close(best["model"], torch.load(
+        out2 / "candidates" / "best-valid.pt", weights_only=True)["model"])
+    assert summary["kept_metrics"]["auroc"] == summary["best_auroc"]
+    train(TrainConfig(data=str(mura), out=str(out2), epochs=1, image_size=32, batch_size=4,
+                      max_steps=1, workers=0, checkpoint="last"))
+    assert not list((out2 / "candidates").glob("*.pt"))
 
 
 def test_resume_continues_the_weight_average(mura: Path, tmp_path: Path) -> None:
@@ -540,6 +553,18 @@ def test_resume_continues_the_weight_average(mura: Path, tmp_path: Path) -> None
     with pytest.raises(TrainError, match="checkpoint: 'ema' -> 'last'"):
         train(dataclasses.replace(config(tmp_path / "split", 3), checkpoint="last"),
               resume=True)
+    with pytest.raises(TrainError, match="candidates: False -> True"):
+        train(dataclasses.replace(config(tmp_path / "split", 3), candidates=True),
+              resume=True)
+    # A run that stopped after its last epoch but before keeping its weights keeps them
+    # when resumed; a finished run is left as it is.
+    (tmp_path / "split" / "best.pt").unlink()
+    summary = train(config(tmp_path / "split", 2), resume=True)
+    assert summary["kept"] == "ema" and summary["kept_epochs"] == [1, 2]
+    again = torch.load(tmp_path / "split" / "best.pt", weights_only=True)
+    for key, value in a["model"].items():
+        torch.testing.assert_close(again["model"][key], value, rtol=0, atol=0)
+    assert train(config(tmp_path / "split", 2), resume=True)["kept"] == "ema"
 
 
 def test_recipes_fill_what_is_not_given(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> \
