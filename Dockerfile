@@ -22,10 +22,13 @@ RUN apt-get update \
 WORKDIR /app
 
 FROM base AS worker
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY bonexray ./bonexray
-# onnxruntime-gpu pinned to the release built for this image's CUDA 13 / cuDNN 9.
-RUN pip install . "onnxruntime-gpu==1.31.*" && python -c "import onnxruntime, bonexray.worker.tasks"
+# Every package at the version in constraints.txt ('make lock'), so that images built on
+# different days run the same Celery, kombu, SQLAlchemy; onnxruntime-gpu in particular at
+# the release built for this image's CUDA 13 / cuDNN 9.
+RUN pip install -c constraints.txt . "onnxruntime-gpu==1.31.*" \
+    && python -c "import onnxruntime, bonexray.worker.tasks"
 USER bonexray
 # A worker is healthy when its Celery node answers a ping through the broker.
 HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \
@@ -35,7 +38,7 @@ CMD ["bonexray", "worker", "--pool", "prefork", "--concurrency", "1"]
 
 FROM worker AS trainer
 USER root
-RUN pip install ".[train]"
+RUN pip install -c constraints.txt ".[train]"
 USER bonexray
 HEALTHCHECK NONE
 CMD ["bonexray", "--help"]

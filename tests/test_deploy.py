@@ -130,9 +130,47 @@ def test_dockerfile_targets():
     stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, flags=re.M | re.I)
     assert {"worker", "trainer"} <= set(stages)
     worker = text.split("AS worker", 1)[1].split("AS trainer", 1)[0]
-    assert "pip install ." in worker and "[train]" not in worker  # no torch in the worker
+    assert "pip install -c constraints.txt . " in worker and "[train]" not in worker  # no torch
     assert re.search(r"^USER\s+bonexray", worker, flags=re.M)
     assert "HEALTHCHECK" in worker
     # onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9: the base image must match.
     base = re.search(r"CUDA_RUNTIME_IMAGE=(\S+)", text).group(1)
     assert base.startswith("nvidia/cuda:13.") and "cudnn" in base and "runtime" in base
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_installs_are_pinned_by_the_lock() -> None:
+    """constraints.txt pins every dependency pyproject names (all extras, dev tools too),
+    to one version, and every install path (make, CI through make, the Dockerfile's both
+    targets) installs through it."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        wanted += extra
+    names = {_canonical(re.split(r"[\[<>=!~; ]", req, maxsplit=1)[0]) for req in wanted}
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version.strip(), f"not pinned to one version: {line!r}"
+            assert _canonical(name) not in pins, f"pinned twice: {name}"
+            pins[_canonical(name)] = version.strip()
+    missing = names - set(pins)
+    assert not missing, f"constraints.txt lacks {sorted(missing)}: run 'make lock'"
+    # onnxruntime and onnxruntime-gpu both own the `onnxruntime` module: never both.
+    assert "onnxruntime" not in pins and "onnxruntime-gpu" in pins
+    assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-c constraints.txt -e '.[train,report,dev]'" in makefile
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    dockerfile = DOCKERFILE.read_text()
+    assert "constraints.txt ./" in dockerfile
+    installs = re.findall(r"pip install[^\n]*", dockerfile)
+    assert len(installs) == 2 and all("-c constraints.txt" in i for i in installs)
+    gpu = re.search(r'"onnxruntime-gpu==([0-9.]+)\.\*"', dockerfile)
+    assert gpu and pins["onnxruntime-gpu"].startswith(gpu.group(1) + ".")
