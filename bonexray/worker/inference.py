@@ -88,17 +88,57 @@ def nvidia_device_present() -> bool:
     return bool(nvidia_device_ids()) or os.path.exists("/proc/driver/nvidia/version")
 
 
-def nvidia_device_ids() -> list[int]:
-    """Indices of the NVIDIA devices this process can see (/dev/nvidiaN)."""
-    found = []
+def _visible_count(value: str) -> int:
+    """How many devices CUDA sees under CUDA_VISIBLE_DEVICES=value: the entries before the
+    first that is not a device (CUDA ignores the rest; '' or -1 hides every device)."""
+    count = 0
+    for entry in value.split(","):
+        entry = entry.strip()
+        if entry.isdigit() or entry.startswith(("GPU-", "MIG-")):
+            count += 1
+        else:
+            break
+    return count
+
+
+def _nvml_count() -> int | None:
+    """Devices NVML reports (a container given some GPUs sees only those), or None."""
+    import ctypes
+
     try:
-        names = os.listdir("/dev")
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:
-        return []
-    for name in names:
-        if name.startswith("nvidia") and name[6:].isdigit():
-            found.append(int(name[6:]))
-    return sorted(found)
+        return None
+    count = ctypes.c_uint(0)
+    try:
+        if nvml.nvmlInit_v2() != 0:
+            return None
+        ok = nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0
+        nvml.nvmlShutdown()
+    except AttributeError:
+        return None
+    return int(count.value) if ok else None
+
+
+def nvidia_device_ids() -> list[int]:
+    """CUDA's indices of the devices this process can use: 0..n-1, as CUDA (and so
+    onnxruntime's device_id) counts them, whatever the host calls them.
+
+    n: CUDA_VISIBLE_DEVICES when it is set, else NVML's device count, else the number of
+    /dev/nvidiaN files (a container given GPUs 2 and 3 has /dev/nvidia2 and /dev/nvidia3,
+    which CUDA calls 0 and 1).
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return list(range(_visible_count(visible)))
+    count = _nvml_count()
+    if count is None:
+        try:
+            names = os.listdir("/dev")
+        except OSError:
+            return []
+        count = sum(1 for name in names if name.startswith("nvidia") and name[6:].isdigit())
+    return list(range(count))
 
 
 def parse_gpus(spec: str) -> list[int]:
@@ -109,7 +149,8 @@ def parse_gpus(spec: str) -> list[int]:
     if spec == "all":
         ids = nvidia_device_ids()
         if not ids:
-            raise ProviderError("--gpus all: no NVIDIA device (/dev/nvidiaN) on this machine")
+            raise ProviderError("--gpus all: no NVIDIA device visible here (CUDA_VISIBLE_DEVICES, "
+                                "NVML, /dev/nvidiaN)")
         return ids
     try:
         ids = [int(part) for part in spec.split(",") if part.strip()]

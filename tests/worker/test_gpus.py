@@ -61,3 +61,34 @@ def test_worker_that_requires_a_gpu_refuses_to_start_without_one(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: ProviderError:") and "refusing to start" in last
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("visible, ids", [
+    ("2,3", [0, 1]),  # a container or a shell given the host's GPUs 2 and 3: CUDA's 0 and 1
+    ("GPU-8f3c1e2a-aaaa-bbbb-cccc-000000000001,GPU-8f3c1e2a-aaaa-bbbb-cccc-000000000002",
+     [0, 1]),
+    ("MIG-4b1f0c4e-1111-2222-3333-444444444444", [0]),
+    ("0,-1,2", [0]),  # CUDA stops at the first entry that is not a device
+    ("-1", []),
+    ("", []),
+])
+def test_gpus_are_counted_as_cuda_numbers_them(monkeypatch: pytest.MonkeyPatch, visible: str,
+                                                ids: list[int]) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert inference.nvidia_device_ids() == ids
+    if ids:
+        assert inference.parse_gpus("all") == ids
+    else:
+        with pytest.raises(inference.ProviderError, match="no NVIDIA device visible"):
+            inference.parse_gpus("all")
+
+
+def test_without_cuda_visible_devices_the_device_files_are_counted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(inference, "_nvml_count", lambda: None)
+    monkeypatch.setattr(inference.os, "listdir",
+                        lambda path: ["nvidia2", "nvidia3", "nvidiactl", "nvidia-uvm", "null"])
+    assert inference.nvidia_device_ids() == [0, 1]  # /dev/nvidia2 and 3 are CUDA's 0 and 1
+    monkeypatch.setattr(inference, "_nvml_count", lambda: 4)
+    assert inference.nvidia_device_ids() == [0, 1, 2, 3]
