@@ -105,12 +105,21 @@ def _engine() -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default=None, help="Logging level (default BONEXRAY_LOG_LEVEL, INFO).")
+@click.option("--log-level", default=None,
+              type=click.Choice(["debug", "info", "warning", "error", "critical"],
+                                case_sensitive=False),
+              help="Logging level (default BONEXRAY_LOG_LEVEL, info).")
 @click.version_option(package_name="bonexray")
 def cli(log_level: str | None) -> None:
     """bonexray: classify musculoskeletal radiograph studies as normal or abnormal."""
-    _apply_overrides(log_level=log_level)
-    _setup_logging(get_settings().log_level)
+    from bonexray.settings import SettingsError
+
+    try:  # every BONEXRAY_* variable is checked here, once, before any command runs
+        _apply_overrides(log_level=log_level)
+        level = get_settings().log_level
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None
+    _setup_logging(level)
 
 
 def main() -> None:

@@ -94,8 +94,36 @@ class Settings:
     data_roots: str = ""
     log_level: str = "INFO"
 
+    def __post_init__(self) -> None:
+        for name, low in _AT_LEAST.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()}={value!r}: must be an integer "
+                                    f">= {low}")
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if str(value).lower() not in allowed:
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()}={value!r}: choose one of "
+                                    f"{', '.join(allowed)}")
+        for name in ("database_url", "broker_url", "queue"):
+            if not str(getattr(self, name)).strip():
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()} is empty")
+
     def replace(self, **changes: object) -> Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+# The smallest value each integer setting takes (checked when Settings are made, so a bad
+# variable or option is one line naming it, before any work starts).
+_AT_LEAST = {
+    "chunk_size": 1, "batch_size": 1, "decode_threads": 1, "prefetch_views": 1,
+    "intra_op_threads": 0, "worker_processes": 1, "cuda_device": 0, "visibility_timeout": 1,
+    "lease_seconds": 1, "reaper_interval": 1, "max_crashes": 1, "max_attempts": 1,
+    "stall_seconds": 1, "decode_budget_bytes": 1, "db_lock_timeout_ms": 0,
+    "db_statement_timeout_ms": 0, "max_image_pixels": 1,
+}
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_CHOICES = {"io_binding": ("auto", "on", "off"), "log_level": LOG_LEVELS}
 
 
 def _convert(name: str, raw: str, kind: type) -> object:
@@ -105,13 +133,14 @@ def _convert(name: str, raw: str, kind: type) -> object:
             return True
         if value in ("0", "false", "no", "off", ""):
             return False
-        raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a boolean (use 1 or 0)")
+        raise SettingsError(f"{ENV_PREFIX}{name.upper()}={raw!r}: not a boolean (use 1 or 0, "
+                            "true or false, yes or no, on or off)")
     if kind is int:
         try:
             return int(raw)
         except ValueError:
             raise SettingsError(
-                f"{ENV_PREFIX}{name.upper()}={raw!r} is not an integer"
+                f"{ENV_PREFIX}{name.upper()}={raw!r}: not an integer"
             ) from None
     return raw
 
