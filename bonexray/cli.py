@@ -231,10 +231,11 @@ def import_fracatlas_cmd(src: str, out: str, seed: int, valid_fraction: float,
               help="Where unset options come from: default (chosen by measurement on real "
                    "radiographs, README) or mura (MURA's published recipe).")
 @click.option("--epochs", default=8, show_default=True)
-@click.option("--image-size", type=int, default=None,
+@click.option("--image-size", type=click.IntRange(min=16, max=4096), default=None,
               help=recipe_help("image_size", "Input side in px (MURA used 320, the follow-up "
                                 "paper 224)."))
-@click.option("--batch-size", type=int, default=None, help=recipe_help("batch_size", ""))
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help=recipe_help("batch_size", ""))
 @click.option("--lr", type=float, default=None,
               help=recipe_help("lr", "Peak learning rate (auto: 1e-3 from scratch, 1e-4 with "
                                 "--weights)."))
@@ -245,7 +246,8 @@ def import_fracatlas_cmd(src: str, out: str, seed: int, valid_fraction: float,
                    "path to a local DenseNet-169 state dict.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="DataLoader workers.")
-@click.option("--max-steps", type=int, default=None, help="Cap on steps per epoch (quick runs).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Cap on steps per epoch (quick runs).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--head", default="", help="Hidden fully connected layers before the logit, "
               "e.g. 512,256 (default: none, DenseNet's single linear layer).")
@@ -469,8 +471,10 @@ def _with_progress(total: int, label: str, work: Callable[[Callable[[int], None]
 @click.option("--model", "model_ref", required=True, help="model.onnx path or registered name.")
 @db_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@click.option("--chunk-size", type=int, default=None, help="Studies per chunk (default 16).")
-@click.option("--batch-size", type=int, default=None, help="Views per inference batch.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+              help="Studies per chunk (default 16).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Views per inference batch.")
 @user_errors
 def run(folder: str, model_ref: str, database_url: str | None, as_json: bool,
         chunk_size: int | None, batch_size: int | None) -> None:
@@ -500,7 +504,8 @@ def run(folder: str, model_ref: str, database_url: str | None, as_json: bool,
 @db_option
 @broker_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@click.option("--chunk-size", type=int, default=None, help="Studies per task (default 16).")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+              help="Studies per task (default 16).")
 @click.option("--force", is_flag=True,
               help="Also send studies an earlier job already scored with this model.")
 @user_errors
@@ -536,7 +541,8 @@ def enqueue(folder: str, model_ref: str, database_url: str | None, broker_url: s
 @db_option
 @broker_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@click.option("--chunk-size", type=int, default=None, help="Studies per task (default 16).")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+              help="Studies per task (default 16).")
 @user_errors
 def requeue(job: int, database_url: str | None, broker_url: str | None, as_json: bool,
             chunk_size: int | None) -> None:
@@ -579,7 +585,7 @@ def _print_job_summary(job_id: int, studies: int, views: int, elapsed: float,
 @cli.command()
 @db_option
 @broker_option
-@click.option("--concurrency", "-c", type=int, default=1, show_default=True,
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes (one per GPU is usual).")
 @click.option("--pool", type=click.Choice(["prefork", "solo", "threads"]), default="prefork",
               show_default=True)
@@ -655,7 +661,8 @@ EXIT_SICK = 75
 @click.option("--wait", is_flag=True,
               help="Follow the job until it is finished (or stalled).")
 @click.option("--json", "as_json", is_flag=True, help="Print the progress as JSON.")
-@click.option("--interval", default=1.0, show_default=True, help="Seconds between polls.")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              help="Seconds between polls.")
 @click.option("--timeout", type=float, default=None, help="Give up waiting after this long.")
 @click.option("--stall-after", type=click.IntRange(min=1), default=None,
               help="Seconds without progress and without a live lease after which the job "
@@ -773,7 +780,8 @@ def _job_id(engine: Any, job: int | None) -> int:
               help="Only study paths containing PATTERN (* and ? wildcards, any case).")
 @click.option("--order", type=click.Choice(["path", "score", "-score"]), default="path",
               show_default=True, help="Sort by path, or by score (-score: highest first).")
-@click.option("--limit", type=int, default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="At most this many rows (default: all).")
 @click.option("--heatmaps", "heatmaps_dir", type=click.Path(file_okay=False), default=None,
               help="Write CAM overlay PNGs of the selected studies' views here (needs a "
                    "model with a `cam` output).")
@@ -860,7 +868,8 @@ def _write_heatmaps(engine: Any, job_id: int, rows: list[dict[str, Any]], out: s
 
 @cli.command()
 @db_option
-@click.option("--limit", default=20, show_default=True, help="How many of the newest jobs.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How many of the newest jobs.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True)
 @user_errors
@@ -1020,7 +1029,8 @@ def export_predictions(job: int, out: str, database_url: str | None,
 @cli.command()
 @click.option("--quick", is_flag=True, help="Fewer images and repeats (a few minutes here).")
 @click.option("--image-size", default=224, show_default=True)
-@click.option("--batch", default=16, show_default=True, help="Inference batch size.")
+@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Inference batch size.")
 @click.option("--images", default=0, help="Views to generate (default 192, quick 96).")
 @click.option("--control-studies", default=0,
               help="Studies for the control-plane figure (default 4000, quick 1500).")
