@@ -39,14 +39,10 @@ def _stderr_console() -> Any:
     return Console(stderr=True)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Schema checks run on every command; their chatter is not news.
-    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.root.level))
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from bonexray.logs import setup_logging
+
+    setup_logging(level, fmt)
 
 
 def _apply_overrides(**values: str | int | None) -> None:
@@ -109,17 +105,20 @@ def _engine() -> Any:
               type=click.Choice(["debug", "info", "warning", "error", "critical"],
                                 case_sensitive=False),
               help="Logging level (default BONEXRAY_LOG_LEVEL, info).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="Log records as text or JSON lines (default BONEXRAY_LOG_FORMAT, text); "
+                   "workers started by this command inherit it.")
 @click.version_option(package_name="bonexray")
-def cli(log_level: str | None) -> None:
+def cli(log_level: str | None, log_format: str | None) -> None:
     """bonexray: classify musculoskeletal radiograph studies as normal or abnormal."""
     from bonexray.settings import SettingsError
 
     try:  # every BONEXRAY_* variable is checked here, once, before any command runs
-        _apply_overrides(log_level=log_level)
-        level = get_settings().log_level
+        _apply_overrides(log_level=log_level, log_format=log_format)
+        settings = get_settings()
     except SettingsError as exc:
         raise UserError(str(exc)) from None
-    _setup_logging(level)
+    _setup_logging(settings.log_level, settings.log_format)
 
 
 def main() -> None:

@@ -93,6 +93,8 @@ class Settings:
     # them, and symlinks leading out of them, are refused (bonexray.security).
     data_roots: str = ""
     log_level: str = "INFO"
+    # "text" for a terminal, "json" for JSON lines (one object per record) for a fleet.
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         for name, low in _AT_LEAST.items():
@@ -123,7 +125,8 @@ _AT_LEAST = {
     "db_statement_timeout_ms": 0, "max_image_pixels": 1,
 }
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-_CHOICES = {"io_binding": ("auto", "on", "off"), "log_level": LOG_LEVELS}
+_CHOICES = {"io_binding": ("auto", "on", "off"), "log_level": LOG_LEVELS,
+            "log_format": ("text", "json")}
 
 
 def _convert(name: str, raw: str, kind: type) -> object:

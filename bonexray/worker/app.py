@@ -8,6 +8,8 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
     worker_process_init,
     worker_process_shutdown,
     worker_ready,
@@ -88,6 +90,18 @@ def pin_process_gpu(process_index: int) -> int | None:
     get_settings.cache_clear()
     log.info("pool process %d pinned to GPU %d", process_index, device)
     return device
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    """Celery sets up its own log handlers; give them BONEXRAY_LOG_FORMAT (json: one JSON
+    object a line, with the job, chunk and worker fields of the worker's records)."""
+    from bonexray.logs import use_format
+
+    fmt = get_settings().log_format
+    if fmt != "text":
+        use_format(logger, fmt)
 
 
 @worker_process_init.connect

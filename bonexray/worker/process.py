@@ -250,6 +250,7 @@ def process_chunk(*, engine: Engine, job_id: int, study_ids: Sequence[int], sett
     retries (run_chunk).
     """
     worker = worker or worker_name()
+    started = time.monotonic()
     model = _load_job_model(engine, job_id)
     try:
         classifier = get_classifier(model, settings)
@@ -319,7 +320,12 @@ def process_chunk(*, engine: Engine, job_id: int, study_ids: Sequence[int], sett
         skipped=claim.skipped,
     )
     log.info("job %d: chunk of %d studies (%d views, %d failed, %d careful) done on %s",
-             job_id, summary.studies, views, views_failed, len(careful), summary.provider)
+             job_id, summary.studies, views, views_failed, len(careful), summary.provider,
+             extra={"job": job_id, "chunk": chunk, "worker": worker,
+                    "seconds": round(time.monotonic() - started, 3), "studies": summary.studies,
+                    "studies_done": summary.done, "studies_failed": summary.failed,
+                    "views": views, "views_failed": views_failed,
+                    "provider": summary.provider})
     return summary
 
 
