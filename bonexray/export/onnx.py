@@ -190,7 +190,13 @@ class ProbabilityNet(nn.Module):
 
 def load_checkpoint_model(checkpoint: str | Path) -> tuple[BoneXRayNet, dict[str, Any]]:
     """Rebuild the network a checkpoint was trained as, in eval mode, with its weights."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # garbage, an .onnx file, a pickle of arbitrary objects
+        # (torch's own message advises weights_only=False, which would run the file's code)
+        raise ValueError(f"{checkpoint} is not a bonexray checkpoint (a file written by "
+                         f"`bonexray train`, e.g. OUT/best.pt): torch.load refused it "
+                         f"({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{checkpoint} is not a bonexray checkpoint (no 'model' entry)")
     if ckpt.get("architecture", ARCHITECTURE) != ARCHITECTURE:

@@ -129,3 +129,20 @@ def test_aggregation_travels_in_the_metadata(checkpoint: Path, tmp_path: Path) -
     assert parse_metadata(props(out)).aggregation == "max"
     with pytest.raises(ValueError, match="mean or max"):
         export_model(str(checkpoint), str(tmp_path / "x.onnx"), aggregation="median")
+
+
+@pytest.mark.parametrize("content", [b"garbage\n", b"\x08\x07\x12\x04onnx-like bytes"])
+def test_export_of_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path: Path,
+                                                                content: bytes) -> None:
+    from click.testing import CliRunner
+
+    from bonexray.cli import cli
+
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(content)
+    result = CliRunner().invoke(cli, ["export", str(bad), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2
+    assert "is not a bonexray checkpoint" in result.output
+    assert "Traceback" not in result.output and "weights_only=False" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m.onnx").exists()
