@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -94,10 +95,35 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _engine() -> Any:
+def _missing_sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL when it does not exist yet (else None)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    return None if path.exists() else path
+
+
+def _engine(*, read_only: bool = False, model_ref: str | None = None) -> Any:
+    """The database, schema at head. A SQLite file that does not exist yet is created only
+    by a command that writes: a read-only command (results, status, ...) given a mistyped
+    path says so instead, and run/enqueue check first that a model file they would be
+    given exists (a new database holds no registered model to find by name)."""
     from bonexray.db.session import open_database
 
-    return open_database(get_settings().database_url)
+    url = get_settings().database_url
+    missing = _missing_sqlite_file(url)
+    if missing is not None and read_only:
+        raise UserError(f"no database at {missing}: nothing has run there yet (check --db or "
+                        "BONEXRAY_DATABASE_URL)")
+    if missing is not None and model_ref is not None and not Path(model_ref).is_file():
+        from bonexray.jobs import ModelNotFoundError
+
+        raise ModelNotFoundError(f"--model {model_ref!r}: no such file (and {missing} does "
+                                 "not exist yet, so no model is registered there)")
+    return open_database(url)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -484,7 +510,7 @@ def run(folder: str, model_ref: str, database_url: str | None, as_json: bool,
     _apply_overrides(database_url=database_url, chunk_size=chunk_size, batch_size=batch_size)
     settings = get_settings()
     check_provider_settings(settings)  # before a job is registered
-    engine = _engine()
+    engine = _engine(model_ref=model_ref)
     model = resolve_model(engine=engine, ref=model_ref)
     job = prepare_job(engine=engine, root=folder, model=model, mode="embedded",
                       options={"chunk_size": settings.chunk_size,
@@ -516,7 +542,7 @@ def enqueue(folder: str, model_ref: str, database_url: str | None, broker_url: s
     _apply_overrides(database_url=database_url, broker_url=broker_url, chunk_size=chunk_size)
     settings = get_settings()
     check_broker(settings)
-    engine = _engine()
+    engine = _engine(model_ref=model_ref)
     model = resolve_model(engine=engine, ref=model_ref)
     job = prepare_job(engine=engine, root=folder, model=model, mode="celery",
                       options={"chunk_size": settings.chunk_size, "force": force},
@@ -680,7 +706,7 @@ def status(job: int | None, database_url: str | None, wait: bool, as_json: bool,
 
     _apply_overrides(database_url=database_url, stall_seconds=stall_after)
     settings = get_settings()
-    engine = _engine()
+    engine = _engine(read_only=True)
     job_id = _job_id(engine, job)
 
     def read() -> dict[str, Any]:
@@ -794,7 +820,7 @@ def results(job: int | None, database_url: str | None, fmt: str, body_part: str 
     from bonexray.db.session import session_scope
 
     _apply_overrides(database_url=database_url)
-    engine = _engine()
+    engine = _engine(read_only=True)
     job_id = _job_id(engine, job)
     with session_scope(engine) as session:
         rows = job_results(session=session, job_id=job_id, body_part=body_part,
@@ -878,7 +904,7 @@ def jobs(database_url: str | None, limit: int, fmt: str) -> None:
     from bonexray.db.session import session_scope
 
     _apply_overrides(database_url=database_url)
-    with session_scope(_engine()) as session:
+    with session_scope(_engine(read_only=True)) as session:
         rows = list_jobs(session=session, limit=limit)
         timings = job_timings(session=session, job_ids=[r["id"] for r in rows])
     rows = [{**r, **timings.get(r["id"], {"duration_s": None, "images_per_s": None})}
@@ -940,7 +966,7 @@ def evaluate(job: int | None, database_url: str | None, fmt: str, plots_dir: str
     from bonexray.evaluate import evaluate_job
 
     _apply_overrides(database_url=database_url)
-    engine = _engine()
+    engine = _engine(read_only=True)
     job_id = _job_id(engine, job)
     with session_scope(engine) as session:
         result = evaluate_job(session=session, job_id=job_id, resamples=resamples, seed=seed,
@@ -1010,7 +1036,7 @@ def export_predictions(job: int, out: str, database_url: str | None,
     from bonexray.evaluate import write_mura_predictions
 
     _apply_overrides(database_url=database_url)
-    engine = _engine()
+    engine = _engine(read_only=True)
     job_id = _job_id(engine, job)
     from bonexray.db.session import session_scope
 
@@ -1119,7 +1145,7 @@ def models_list(database_url: str | None, fmt: str) -> None:
     from bonexray.db.session import session_scope
 
     _apply_overrides(database_url=database_url)
-    with session_scope(_engine()) as session:
+    with session_scope(_engine(read_only=True)) as session:
         rows = list_models(session=session)
     if fmt == "json":
         click.echo(json.dumps(rows, default=str))

@@ -48,7 +48,7 @@ def test_bad_provider_settings_stop_run_before_a_job_is_registered(sqlite_url, t
 
     (tmp_path / "s1").mkdir()
     runner = CliRunner()
-    for name, value, says in (("BONEXRAY_IO_BINDING", "maybe", "auto, on or off"),
+    for name, value, says in (("BONEXRAY_IO_BINDING", "maybe", "choose one of auto, on, off"),
                               ("BONEXRAY_CUDA_OPTIONS", "HEURISTIC", "not key=value")):
         monkeypatch.setenv(name, value)
         get_settings.cache_clear()
@@ -62,3 +62,19 @@ def test_bad_provider_settings_stop_run_before_a_job_is_registered(sqlite_url, t
         assert "Traceback" not in result.output
     with session_scope(open_database(sqlite_url)) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_no_database_file_is_made_by_a_read_only_command_or_a_missing_model(tmp_path):
+    db = tmp_path / "typo.db"
+    url = f"sqlite:///{db}"
+    runner = CliRunner()
+    for args in (["results"], ["jobs"], ["status"], ["evaluate"], ["models", "list"],
+                 ["export-predictions", "1", str(tmp_path / "p.csv")]):
+        result = runner.invoke(cli, [*args, "--db", url])
+        assert result.exit_code == 2, (args, result.output)
+        assert f"no database at {db}" in result.output, args
+    (tmp_path / "s1").mkdir()
+    result = runner.invoke(cli, ["run", str(tmp_path), "--model", str(tmp_path / "nope.onnx"),
+                                 "--db", url])
+    assert result.exit_code == 2 and "no such file" in result.output
+    assert not db.exists()
