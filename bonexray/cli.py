@@ -537,16 +537,24 @@ def run(folder: str, model_ref: str, database_url: str | None, as_json: bool,
 def enqueue(folder: str, model_ref: str, database_url: str | None, broker_url: str | None,
             as_json: bool, chunk_size: int | None, force: bool) -> None:
     """Register a job for every study under FOLDER and send its chunks to the workers."""
-    from bonexray.jobs import check_broker, prepare_job, resolve_model, send_job
+    from bonexray.jobs import NothingToSend, check_broker, prepare_job, resolve_model, send_job
 
     _apply_overrides(database_url=database_url, broker_url=broker_url, chunk_size=chunk_size)
     settings = get_settings()
     check_broker(settings)
     engine = _engine(model_ref=model_ref)
     model = resolve_model(engine=engine, ref=model_ref)
-    job = prepare_job(engine=engine, root=folder, model=model, mode="celery",
-                      options={"chunk_size": settings.chunk_size, "force": force},
-                      skip_done=not force)
+    try:
+        job = prepare_job(engine=engine, root=folder, model=model, mode="celery",
+                          options={"chunk_size": settings.chunk_size, "force": force},
+                          skip_done=not force)
+    except NothingToSend as nothing:  # not an error: the folder is done; no empty job
+        if as_json:
+            click.echo(json.dumps({"job": None, "studies": 0, "views": 0,
+                                   "skipped": nothing.skipped}))
+        else:
+            click.echo(str(nothing))
+        return
     sent = _with_progress(len(job.study_ids), f"enqueue job {job.job_id}",
                           lambda advance: send_job(engine=engine, job=job, settings=settings,
                                                    progress=advance))

@@ -19,7 +19,7 @@ from bonexray.db.session import session_scope
 from bonexray.results import DONE
 from bonexray.security import check_folder
 from bonexray.settings import Settings, get_settings
-from bonexray.studies import Study, find_studies
+from bonexray.studies import Study, StudyError, find_studies
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,15 @@ Progress = Callable[[int], None]
 
 class ModelNotFoundError(ValueError):
     """--model names neither a registered model nor an existing file."""
+
+
+class NothingToSend(Exception):
+    """Every study under the folder was already scored with this model: no job is made."""
+
+    def __init__(self, root: str, skipped: int) -> None:
+        super().__init__(f"all {skipped} studies under {root} were already scored with this "
+                         "model; nothing sent (--force sends them again)")
+        self.root, self.skipped = root, skipped
 
 
 class JobNotFoundError(ValueError):
@@ -126,6 +135,10 @@ def prepare_job(*, engine: Engine, root: str, model: Model, mode: str,
     check_folder(root)  # BONEXRAY_DATA_ROOTS, symlinks resolved
     found = list(studies) if studies is not None else find_studies(root)
     root_abs = str(Path(root).expanduser().resolve())
+    if not any(s.views for s in found):
+        raise StudyError(f"no view image under {root} ({len(found)} folders without one): a "
+                         "study is a folder of view images (.png, .jpg, ...), e.g. "
+                         "XR_WRIST/patient1/study1/image1.png")
     skipped = 0
     if skip_done:
         with session_scope(engine) as session:
@@ -133,6 +146,8 @@ def prepare_job(*, engine: Engine, root: str, model: Model, mode: str,
                                    paths=[s.path for s in found])
         skipped = len(done)
         found = [s for s in found if s.path not in done]
+        if not found:
+            raise NothingToSend(root, skipped)
     with session_scope(engine) as session:
         job = store.create_job(session=session, root=root_abs, model_id=model.id,
                                studies=found, mode=mode,

@@ -78,3 +78,14 @@ def test_no_database_file_is_made_by_a_read_only_command_or_a_missing_model(tmp_
                                  "--db", url])
     assert result.exit_code == 2 and "no such file" in result.output
     assert not db.exists()
+
+
+def test_a_folder_without_any_study_is_an_error_not_an_empty_success(tmp_path, sqlite_url):
+    from bonexray.export.cheap import write_cheap_model
+
+    model = write_cheap_model(tmp_path / "cheap.onnx", image_size=32)
+    (tmp_path / "nothing" / "here").mkdir(parents=True)
+    (tmp_path / "nothing" / "notes.txt").write_text("no images")
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "nothing"), "--model", str(model),
+                                      "--db", sqlite_url])
+    assert result.exit_code == 2 and "no view image under" in result.output, result.output
