@@ -172,8 +172,9 @@ def synth(out: str, studies: int, seed: int, image_size: int, valid_fraction: fl
     summary = write_synthetic_mura(out, studies=studies, seed=seed, image_size=image_size,
                                    valid_fraction=valid_fraction,
                                    signs=tuple(s.strip() for s in signs.split(",") if s.strip()))
+    splits = ", ".join(f"{name} {count}" for name, count in summary.by_split.items())
     click.echo(f"wrote {summary.studies} studies ({summary.views} views, {summary.abnormal} "
-               f"abnormal; {summary.by_split}) to {summary.root}")
+               f"abnormal; {splits}) to {summary.root}")
 
 
 @cli.group("import")

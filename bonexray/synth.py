@@ -596,6 +596,6 @@ def write_synthetic_mura(out: str | Path, *, studies: int, seed: int = 0,
         abnormal=sum(label for name in SPLITS for _, label in study_rows[name]),
         by_split={name: len(study_rows[name]) for name in SPLITS},
     )
-    log.info("wrote %d synthetic studies (%d views, %d abnormal) to %s",
+    log.debug("wrote %d synthetic studies (%d views, %d abnormal) to %s",
              summary.studies, summary.views, summary.abnormal, summary.root)
     return summary

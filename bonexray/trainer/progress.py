@@ -1,4 +1,5 @@
-"""A rich progress bar on stderr for training: step, loss, views per second, epoch summary."""
+"""A rich progress bar on stderr for training: step, loss, views per second (the epoch
+summaries are the trainer's log lines)."""
 
 from __future__ import annotations
 
@@ -47,14 +48,5 @@ class RichTrainProgress:
             self.bar.update(self.task, advance=1, loss=loss, rate=views_per_s)
 
     def end_epoch(self, entry: dict[str, Any]) -> None:
-        v = entry["valid"]
-
-        def fmt(x: Any) -> str:
-            return "n/a" if x is None else f"{x:.4f}"
-
-        self.console.print(
-            f"epoch {entry['epoch']}: train loss {fmt(entry['train_loss'])}, valid loss "
-            f"{fmt(v.get('loss'))}, AUROC {fmt(v.get('auroc'))}, kappa {fmt(v.get('kappa'))}, "
-            f"accuracy {fmt(v.get('accuracy'))} (threshold {fmt(v.get('threshold'))}), "
-            f"{entry['seconds']:.0f} s"
-        )
+        # The trainer logs each epoch's line (INFO); printing it here too doubled it.
+        del entry

@@ -36,6 +36,7 @@ from bonexray.trainer.recipes import DEFAULT, RECIPES
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+STEP_LOG_SECONDS = 30.0  # a training step line in the log at most this often
 SCRATCH_LR = 1e-3  # OneCycle peak from scratch (MEASURED.md)
 FINETUNE_LR = 1e-4  # MURA's Adam rate for ImageNet-initialised weights
 VALID_FRACTION = 0.2
@@ -379,6 +380,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader[Any], weights: torch.Te
     """One pass over the training views; the mean weighted loss."""
     model.train()
     total, seen, started = 0.0, 0, time.monotonic()
+    last_log = started
+    total_steps = len(loader) if max_steps is None else min(len(loader), max_steps)
     weights = weights.to(device)
     memory = _memory_format(device)
     for step, (pixels, labels, study_idx) in enumerate(loader):
@@ -406,9 +409,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader[Any], weights: torch.Te
         rate = seen / max(time.monotonic() - started, 1e-9)
         if progress is not None:
             progress.advance(total / seen if seen else float("nan"), rate)
-        if step % 50 == 0:
-            log.info("epoch %d step %d loss %.4f (%.1f views/s)", epoch + 1, step,
-                     total / seen if seen else float("nan"), rate)
+        if time.monotonic() - last_log >= STEP_LOG_SECONDS:  # by time: a log stays alive
+            last_log = time.monotonic()
+            log.info("epoch %d step %d/%d loss %.4f (%.1f views/s)", epoch + 1, step + 1,
+                     total_steps, total / seen if seen else float("nan"), rate)
     return total / seen if seen else float("nan")
 
 
