@@ -174,3 +174,19 @@ def test_installs_are_pinned_by_the_lock() -> None:
     assert len(installs) == 2 and all("-c constraints.txt" in i for i in installs)
     gpu = re.search(r'"onnxruntime-gpu==([0-9.]+)\.\*"', dockerfile)
     assert gpu and pins["onnxruntime-gpu"].startswith(gpu.group(1) + ".")
+
+
+def test_one_port_per_service_inside_and_outside(compose) -> None:
+    """Postgres and Redis listen on the published port inside the network too, so the URLs
+    (built with POSTGRES_PORT / REDIS_PORT) are right on this host and on added nodes."""
+    env = compose["services"]["worker"]["environment"]
+    db_port = compose["services"]["postgres"]["environment"]["PGPORT"]
+    assert f"@postgres:{db_port}/" in env["BONEXRAY_DATABASE_URL"]
+    redis_cmd = compose["services"]["redis"]["command"]
+    redis_port = redis_cmd[redis_cmd.index("--port") + 1]
+    assert f"@redis:{redis_port}/0" in env["BONEXRAY_BROKER_URL"]
+    published = [str(p) for p in compose["services"]["redis"]["ports"]]
+    assert any(p.endswith(f":{redis_port}:{redis_port}") for p in published)
+    trainer = compose["services"]["trainer"]
+    assert trainer["environment"]["TORCH_HOME"] == "/torch"
+    assert any(str(v).endswith(":/torch/hub/checkpoints:ro") for v in trainer["volumes"])
