@@ -41,10 +41,12 @@ def _pyplot() -> Any:
 
 
 def plot_roc(path: str | Path, curves: dict[str, tuple[np.ndarray, np.ndarray]],
-             aurocs: dict[str, float] | None = None) -> Path:
-    """ROC curves, one per name (labels, scores); names with a single class are skipped."""
+             aurocs: dict[str, float] | None = None, threshold: float | None = None) -> Path:
+    """ROC curves, one per name (labels, scores); names with a single class are skipped.
+    With `threshold`, the overall curve's operating point there is marked. The legend sits
+    outside the axes, so it never covers the curves."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig, ax = plt.subplots(figsize=(8.5, 6))
     try:
         for name, (labels, scores) in curves.items():
             if len(set(np.asarray(labels).tolist())) < 2:
@@ -52,11 +54,18 @@ def plot_roc(path: str | Path, curves: dict[str, tuple[np.ndarray, np.ndarray]],
             fpr, tpr, _ = roc_curve(labels, scores)
             auc = (aurocs or {}).get(name)
             label = name if auc is None or auc != auc else f"{name} (AUROC {auc:.3f})"
-            ax.plot(fpr, tpr, lw=2.5 if name == "overall" else 1.2, label=label)
+            line = ax.plot(fpr, tpr, lw=2.5 if name == "overall" else 1.2, label=label)[0]
+            if name == "overall" and threshold is not None:
+                (tn, fp), (fn, tp) = confusion_counts(np.asarray(labels), np.asarray(scores),
+                                                      threshold)
+                ax.plot([fp / max(1, fp + tn)], [tp / max(1, tp + fn)], "o", ms=9,
+                        mfc="none", mew=2, color=line.get_color(),
+                        label=f"operating point (threshold {threshold:g})")
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity (false positive rate)",
                ylabel="sensitivity (true positive rate)", title="ROC, studies")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.set_aspect("equal")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, borderaxespad=0)
         return _save(fig, path)
     finally:
         plt.close(fig)
@@ -109,8 +118,14 @@ def plot_by_body_part(path: str | Path, by_part: dict[str, dict[str, Any]],
             high = np.array([_num(c[1]) for c in cis])
             err = np.vstack([np.clip(values - low, 0, None), np.clip(high - values, 0, None)])
             err = np.nan_to_num(err)
-            ax.bar(x + (k - (len(metrics) - 1) / 2) * width, np.nan_to_num(values), width,
-                   yerr=err, capsize=2, label=name)
+            offsets = x + (k - (len(metrics) - 1) / 2) * width
+            bars = ax.bar(offsets, np.nan_to_num(values), width, yerr=err, capsize=2,
+                          label=name)
+            for pos, value in zip(offsets, values, strict=True):
+                if value != value:  # undefined (one class only): "n/a", not a zero bar
+                    ax.text(pos, 0.02, "n/a", ha="center", va="bottom", rotation=90,
+                            fontsize=9, fontweight="bold",
+                            color=bars.patches[0].get_facecolor())
         ax.set_xticks(x, labels=[f"{p}\n(n={by_part[p].get('n', 0)})" for p in parts])
         ax.set(ylim=(min(0.0, _floor(by_part, metrics)), 1.2), ylabel="value",
                title="by body part (whiskers: 95% bootstrap interval)")
@@ -151,7 +166,7 @@ def write_evaluation_plots(evaluation: JobEvaluation, out_dir: str | Path) -> li
         curves[name] = (evaluation.labels[mask], evaluation.scores[mask])
         aurocs[name] = figures["auroc"]
     return [
-        plot_roc(out / ROC_PNG, curves, aurocs),
+        plot_roc(out / ROC_PNG, curves, aurocs, threshold=evaluation.threshold),
         plot_confusion(out / CONFUSION_PNG, evaluation.labels, evaluation.scores,
                        evaluation.threshold),
         plot_by_body_part(out / BODY_PART_PNG, evaluation.figures["by_body_part"]),

@@ -493,3 +493,38 @@ def test_evaluate_command_breaks_down_by_flags(db_url: str, tmp_path: Path) -> N
     assert "hardware=1" in out and "hardware=0" in out
     code, out, err = invoke("evaluate", str(job_id), "--by", "oblique")
     assert code == 2 and "ManifestError" in err and "Traceback" not in err
+
+
+def test_plots_mark_undefined_figures_and_the_operating_point(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    import numpy as np
+    from PIL import Image
+
+    from bonexray.plots import plot_by_body_part, plot_roc
+
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    scores = np.array([0.1, 0.6, 0.7, 0.9, 0.3, 0.4])
+    with_point = plot_roc(tmp_path / "a.png", {"overall": (labels, scores)},
+                          {"overall": 0.78}, threshold=0.5)
+    without = plot_roc(tmp_path / "b.png", {"overall": (labels, scores)}, {"overall": 0.78})
+    a = np.asarray(Image.open(with_point).convert("RGB"), dtype=np.int32)
+    b = np.asarray(Image.open(without).convert("RGB"), dtype=np.int32)
+    assert a.shape == b.shape and np.abs(a - b).sum() > 0  # the marker (and its legend entry)
+    # A body part with one class has no AUROC: its bar is not drawn as a zero.
+    by_part = {"hand": {"n": 4, "auroc": 0.75, "auroc_ci": (0.5, 1.0)},
+               "hip": {"n": 3, "auroc": None, "auroc_ci": (None, None)}}
+    import matplotlib.pyplot as plt
+
+    texts: list[str] = []
+    original = plt.Axes.text
+
+    def spy(self, x, y, s, *args, **kwargs):  # type: ignore[no-untyped-def]
+        texts.append(s)
+        return original(self, x, y, s, *args, **kwargs)
+
+    plt.Axes.text = spy  # type: ignore[method-assign]
+    try:
+        plot_by_body_part(tmp_path / "c.png", by_part, metrics=("auroc",))
+    finally:
+        plt.Axes.text = original  # type: ignore[method-assign]
+    assert texts == ["n/a"]

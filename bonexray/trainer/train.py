@@ -520,8 +520,11 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     right.set(xlabel="epoch", ylim=(min(0.0, *[x for x in series("kappa") if x == x]), 1.0),
               title="validation (study level)")
     right.legend()
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (left, right):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
