@@ -964,13 +964,17 @@ def _duration(seconds: float | None) -> str:
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Import manifest with the flags (default: import_manifest.csv at the "
                    "job's root or above it).")
+@click.option("--save/--no-save", default=True, show_default=True,
+              help="Store the figures as a new row of the evaluations table (--no-save: "
+                   "only print them).")
 @user_errors
 def evaluate(job: int | None, database_url: str | None, fmt: str, plots_dir: str | None,
              resamples: int, seed: int, threshold: float | None,
-             exclude_partial: bool, by_flags: tuple[str, ...], manifest: str | None) -> None:
+             exclude_partial: bool, by_flags: tuple[str, ...], manifest: str | None,
+             save: bool) -> None:
     """Compare a job's predictions with the labels of its studies (latest job by default):
     accuracy, F1, kappa, AUROC, sensitivity, specificity with bootstrap 95% intervals,
-    overall and per body part; stored in the evaluations table."""
+    overall and per body part; stored in the evaluations table unless --no-save."""
     from bonexray.db.session import session_scope
     from bonexray.evaluate import evaluate_job
 
@@ -980,7 +984,7 @@ def evaluate(job: int | None, database_url: str | None, fmt: str, plots_dir: str
     with session_scope(engine) as session:
         result = evaluate_job(session=session, job_id=job_id, resamples=resamples, seed=seed,
                               threshold=threshold, exclude_partial=exclude_partial,
-                              by_flags=by_flags, manifest=manifest)
+                              by_flags=by_flags, manifest=manifest, save=save)
     if plots_dir is not None:
         from bonexray.plots import write_evaluation_plots
 
@@ -1004,7 +1008,8 @@ def _print_evaluation(job_id: int, run: int | None, figures: dict[str, Any]) -> 
     partial = overall.get("partial", 0)
     verb = "left out" if overall.get("partial_excluded") else "included"
     partial_note = f"; {partial} partial studies {verb}" if partial else ""
-    table = Table(title=f"job {job_id}, evaluation {run}: threshold {overall['threshold']:g}; "
+    stored = f"evaluation {run}" if run is not None else "not stored (--no-save)"
+    table = Table(title=f"job {job_id}, {stored}: threshold {overall['threshold']:g}; "
                         f"{overall['unscored']} labelled studies unscored, "
                         f"{overall['unlabelled']} unlabelled skipped{partial_note}",
                   caption="value (95% bootstrap interval)")

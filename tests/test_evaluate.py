@@ -209,6 +209,12 @@ def test_evaluate_command_json_table_and_plots(db_url: str, tmp_path: Path) -> N
     with session_scope(engine) as s:
         assert len(query.latest_evaluation(session=s, job_id=job_id)) == 5
         assert query.latest_evaluation(session=s, job_id=job_id)[0].run == 2
+    # --no-save prints the same figures and stores nothing.
+    code, out, err = invoke("evaluate", str(job_id), "--resamples", "50", "--no-save")
+    assert code == 0, err
+    assert "not stored (--no-save)" in out and "wrist" in out
+    with session_scope(engine) as s:
+        assert query.latest_evaluation(session=s, job_id=job_id)[0].run == 2
 
 
 def test_export_predictions_in_mura_format(db_url: str, tmp_path: Path) -> None:
