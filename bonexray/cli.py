@@ -1036,7 +1036,7 @@ def _with_ci(value: float | None, ci: list[float | None]) -> str:
 
 @cli.command("export-predictions")
 @click.argument("job", type=int)
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False, allow_dash=True))
 @db_option
 @click.option("--relative-to", type=click.Path(file_okay=False), default=None,
               help="Write study paths relative to this folder (default: from the folder "
@@ -1046,7 +1046,8 @@ def _with_ci(value: float | None, ci: list[float | None]) -> str:
 def export_predictions(job: int, out: str, database_url: str | None,
                        relative_to: str | None) -> None:
     """Write JOB's predictions as MURA's evaluation script reads them: one
-    `path/to/study/,label` row per scored study (1 abnormal, 0 normal), no header."""
+    `path/to/study/,label` row per scored study (1 abnormal, 0 normal), no header; OUT `-`
+    writes them to stdout."""
     from bonexray.evaluate import write_mura_predictions
 
     _apply_overrides(database_url=database_url)
@@ -1055,11 +1056,13 @@ def export_predictions(job: int, out: str, database_url: str | None,
     from bonexray.db.session import session_scope
 
     with session_scope(engine) as session:
-        summary = write_mura_predictions(session=session, job_id=job_id, out=out,
+        summary = write_mura_predictions(session=session, job_id=job_id,
+                                         out=sys.stdout if out == "-" else out,
                                          relative_to=relative_to)
-    click.echo(f"wrote {summary['written']} predictions to {out}"
+    click.echo(f"wrote {summary['written']} predictions to "
+               f"{'stdout' if out == '-' else out}"
                + (f"; {summary['unscored']} studies without a prediction left out"
-                  if summary["unscored"] else ""))
+                  if summary["unscored"] else ""), err=out == "-")
 
 
 # ---------------------------------------------------------------------------- bench

@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 from sqlalchemy import select
@@ -246,11 +246,11 @@ def mura_study_name(path: str, *, root: str, relative_to: str | None = None) -> 
     return rel.replace(os.sep, "/").rstrip("/") + "/"
 
 
-def write_mura_predictions(*, session: Session, job_id: int, out: str | Path,
+def write_mura_predictions(*, session: Session, job_id: int, out: str | Path | TextIO,
                            relative_to: str | None = None) -> dict[str, int]:
     """Write a job's study predictions in MURA's official format (`study/,label` rows, no
-    header; 1 abnormal, 0 normal), by path. Studies without a prediction are left out and
-    counted: {"written": n, "unscored": m}."""
+    header; 1 abnormal, 0 normal), by path, to a file path or an open text stream. Studies
+    without a prediction are left out and counted: {"written": n, "unscored": m}."""
     job = session.get(Job, job_id)
     if job is None:
         raise query.JobNotFoundError(f"no job with id {job_id}")
@@ -258,11 +258,18 @@ def write_mura_predictions(*, session: Session, job_id: int, out: str | Path,
         select(Study.path, Study.prediction).where(Study.job_id == job_id)
     ).all()
     scored = sorted((path, prediction) for path, prediction in rows if prediction is not None)
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("w", newline="", encoding="utf-8") as fh:
+    def write(fh: TextIO) -> None:
         writer = csv.writer(fh, lineterminator="\n")
         for path, prediction in scored:
             writer.writerow([mura_study_name(path, root=job.root, relative_to=relative_to),
                              1 if prediction == ABNORMAL else 0])
+
+    if isinstance(out, (str, Path)):
+        target = Path(out)
+        if not target.parent.is_dir():
+            raise FileNotFoundError(f"{target.parent}: no such folder for the predictions file")
+        with target.open("w", newline="", encoding="utf-8") as fh:
+            write(fh)
+    else:
+        write(out)
     return {"written": len(scored), "unscored": len(rows) - len(scored)}

@@ -222,7 +222,14 @@ def test_export_predictions_in_mura_format(db_url: str, tmp_path: Path) -> None:
         job_id = make_job(s, threshold=0.5)
     target = tmp_path / "out" / "predictions.csv"
     code, out, err = invoke("export-predictions", str(job_id), str(target))
+    assert code == 2 and "no such folder" in out + err  # a mistyped folder is not made
+    target.parent.mkdir()
+    code, out, err = invoke("export-predictions", str(job_id), str(target))
     assert code == 0, err
+    # "-" is stdout (the summary line goes to stderr), not a file named "-".
+    code, piped, summary = invoke("export-predictions", str(job_id), "-")
+    assert code == 0 and piped == target.read_text() and "to stdout" in summary
+    assert not Path("-").exists()
     assert "3 studies without a prediction left out" in out
     rows = list(csv.reader(target.read_text().splitlines()))
     scored = sorted((f"{ROOT}/{p}", score) for p, _, _, score in SPECS if score is not None)
