@@ -64,7 +64,11 @@ def test_worker_log_setup_signal_applies_the_setting(monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize("how", ["option", "variable"])
 def test_a_command_logs_json_lines(tmp_path, how: str) -> None:
-    env = {**os.environ, "BONEXRAY_DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}"}
+    from bonexray.db.session import open_database
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    open_database(url).dispose()  # `jobs` reads an existing database
+    env = {**os.environ, "BONEXRAY_DATABASE_URL": url}
     args = [sys.executable, "-m", "bonexray.cli", "--log-level", "debug"]
     if how == "option":
         args += ["--log-format", "json"]
