@@ -64,21 +64,20 @@ def test_worker_log_setup_signal_applies_the_setting(monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize("how", ["option", "variable"])
 def test_a_command_logs_json_lines(tmp_path, how: str) -> None:
-    from bonexray.db.session import open_database
-
-    url = f"sqlite:///{tmp_path / 'r.db'}"
-    open_database(url).dispose()  # `jobs` reads an existing database
-    env = {**os.environ, "BONEXRAY_DATABASE_URL": url}
+    env = dict(os.environ)
     args = [sys.executable, "-m", "bonexray.cli", "--log-level", "debug"]
     if how == "option":
         args += ["--log-format", "json"]
     else:
         env["BONEXRAY_LOG_FORMAT"] = "json"
-    result = subprocess.run([*args, "jobs"], capture_output=True, text=True, env=env,
+    result = subprocess.run([*args, "synth", str(tmp_path / "s"), "--studies", "2",
+                             "--image-size", "32"], capture_output=True, text=True, env=env,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines, "expected debug records on stderr"
-    for line in lines:
-        entry = json.loads(line)
+    entries = [json.loads(line) for line in lines]  # every stderr line is one JSON object
+    assert any(e["logger"] == "bonexray.synth" and "wrote 2 synthetic studies" in e["message"]
+               for e in entries), lines
+    for entry in entries:
         assert {"time", "level", "logger", "message"} <= set(entry)
+    assert result.stdout.startswith("wrote 2 studies")  # the command's own output stays text
