@@ -34,8 +34,9 @@ def test_reaches_auroc_095_on_synthetic_studies(tmp_path: Path) -> None:
     out = tmp_path / "run"
     summary = train(TrainConfig(data=str(data), out=str(out), epochs=8, image_size=64,
                                 batch_size=16, workers=1, seed=0))
-    assert summary["best_auroc"] >= 0.95, summary["best_metrics"]
+    # The defaults' kept weights (not the best epoch picked on validation) reach the bar.
+    assert summary["kept_metrics"]["auroc"] >= 0.95, summary["kept_metrics"]
     best = torch.load(out / "best.pt", weights_only=True)
-    assert best["metrics"]["auroc"] == summary["best_auroc"]
+    assert best["metrics"]["auroc"] == summary["kept_metrics"]["auroc"]
     assert best["metrics"]["n"] == sum(1 for s in find_studies(data) if s.split == "valid")
     assert best["metrics"]["kappa"] > 0.5  # the 0.5 threshold works too, not just ranking
