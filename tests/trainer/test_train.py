@@ -381,7 +381,7 @@ def test_threshold_rule_is_chosen_on_validation(mura: Path, tmp_path: Path) -> N
     model = BoneXRayNet(**ckpt["head"])
     model.load_state_dict(ckpt["model"])
     valid = [s for s in find_studies(mura) if s.split == "valid"]
-    ds = ViewDataset(valid, image_size=32)
+    ds = ViewDataset(valid, image_size=32, resize=ckpt["resize"])
     pred = predict_studies(model, DataLoader(ds, batch_size=8, collate_fn=collate_views), ds,
                            pick_device("cpu"))
     want = choose_threshold(pred["labels"], pred["scores"], "youden")
