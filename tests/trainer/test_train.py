@@ -293,7 +293,8 @@ def test_test_split_is_scored_once_with_the_chosen_epoch_and_threshold(
     best = torch.load(out / "best.pt", weights_only=True)
     tested = best["test_metrics"]
     assert tested == summary["test_metrics"]
-    assert tested["n"] == 8 and tested["epoch"] == best["epoch"] == summary["best_epoch"]
+    assert tested["n"] == 8 and tested["epoch"] == best["epoch"] == 2  # the kept weights'
+    assert tested["kept"] == best["kept"]["rule"] == summary["kept"] == "ema"  # the default
     # The threshold is the one chosen on validation, applied as a number, not re-tuned.
     assert tested["threshold"] == best["threshold"]
     written = json.loads((out / "test.json").read_text())
@@ -523,10 +524,11 @@ def test_checkpoint_rules_keep_the_weights_they_name(mura: Path, tmp_path: Path)
     torch.testing.assert_close(torch.load(out2 / "best.pt", weights_only=True)["model"],
                                torch.load(out2 / "last.pt", weights_only=True)["model"])
     assert not (out2 / "candidates").exists()
-    # The default rule with --candidates: best.pt is the best epoch, and candidates/ holds
-    # it too; a fresh run in the same folder removes what the earlier run kept.
+    # best-valid with --candidates: best.pt is the best epoch, and candidates/ holds it too;
+    # a fresh run in the same folder removes what the earlier run kept.
     summary = train(TrainConfig(data=str(mura), out=str(out2), epochs=2, image_size=32,
-                                batch_size=4, max_steps=1, workers=0, candidates=True))
+                                batch_size=4, max_steps=1, workers=0, candidates=True,
+                                checkpoint="best-valid"))
     assert summary["kept"] == "best-valid" and summary["kept_epochs"] == [summary["best_epoch"]]
     best = torch.load(out2 / "best.pt", weights_only=True)
     torch.testing.assert_close(best["model"], torch.load(
