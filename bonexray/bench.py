@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bonexray.errors import BonexrayError
+
 log = logging.getLogger(__name__)
 
 
@@ -196,7 +198,7 @@ def running_worker(env: dict[str, str], args: list[str], log_path: Path) -> Iter
         deadline = time.monotonic() + 120
         while not any(node in reply for reply in app.control.ping(timeout=0.5) or []):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start; see {log_path}")
+                raise BonexrayError(f"worker did not start; see {log_path}")
         yield
     finally:
         import signal
@@ -242,8 +244,8 @@ def celery_runner(folder: Path, model_path: str, *, db_url: str, broker_url: str
                 break
             time.sleep(0.05)
         if progress["failed"]:
-            raise RuntimeError(f"benchmark job {job.job_id} had {progress['failed']} failed "
-                               f"studies; see {log_path}")
+            raise BonexrayError(f"benchmark job {job.job_id} had {progress['failed']} failed "
+                                f"studies; see {log_path}")
         return job.views, job.studies
 
     with running_worker(env, worker_args, log_path):

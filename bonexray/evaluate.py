@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from bonexray.db import query, store
 from bonexray.db.models import Job, Model, Study
+from bonexray.errors import BonexrayError, InvalidValueError
 from bonexray.metrics import json_safe, metrics_with_ci
 from bonexray.results import QUEUED
 from bonexray.studies import SPLITS
@@ -31,11 +32,11 @@ MANIFEST_NAME = "import_manifest.csv"  # what `bonexray import` writes beside th
 _NOT_FLAGS = {"image_id", "split", "body_part", "label", "group", "path"}
 
 
-class NothingToEvaluateError(ValueError):
+class NothingToEvaluateError(BonexrayError, ValueError):
     """The job has no study with a label to compare its predictions with."""
 
 
-class ManifestError(ValueError):
+class ManifestError(BonexrayError, ValueError):
     """A breakdown by flags asked for without a manifest that carries them."""
 
 
@@ -174,7 +175,7 @@ def evaluate_job(*, session: Session, job_id: int, resamples: int = DEFAULT_RESA
     model_threshold = job_threshold(session=session, job_id=job_id)
     threshold = model_threshold if threshold is None else float(threshold)
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold {threshold} outside 0..1")
+        raise InvalidValueError(f"threshold {threshold} outside 0..1")
     outcomes = query.study_outcomes(session=session, job_id=job_id)
     n_labelled = sum(1 for o in outcomes if o["label"] is not None)
     if n_labelled == 0:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from bonexray.errors import BonexrayError, InvalidValueError
+
 # File name endings that make a file a view (compared case-insensitively).
 VIEW_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
 
@@ -30,7 +32,7 @@ _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, 
                "I": 4, "F": 4}
 
 
-class ImageError(ValueError):
+class ImageError(BonexrayError, ValueError):
     """A view file that cannot be turned into pixels; the message is one line."""
 
 
@@ -171,7 +173,8 @@ def resize_gray(pixels: np.ndarray, size: int, rule: str = DEFAULT_RESIZE) -> np
     repeated inside the model graph).
     """
     if rule not in RESIZE_RULES:
-        raise ValueError(f"unknown resize rule {rule!r}; choose one of {', '.join(RESIZE_RULES)}")
+        raise InvalidValueError(f"unknown resize rule {rule!r}"
+                                f"; choose one of {', '.join(RESIZE_RULES)}")
     img = Image.fromarray(pixels, mode="L")
     h, w = pixels.shape
     if rule == "stretch":

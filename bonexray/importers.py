@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
+from bonexray.errors import BonexrayError
 from bonexray.imaging import ImageError, decode_gray
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ REPORT_NAME = "import_report.json"
 MANIFEST_NAME = "import_manifest.csv"
 
 
-class DatasetError(ValueError):
+class DatasetError(BonexrayError, ValueError):
     """A source folder that is not the dataset it claims to be, or an unusable output folder."""
 
 

@@ -16,6 +16,7 @@ from bonexray.db import query, store
 from bonexray.db.models import Job, Model
 from bonexray.db.models import Study as StudyRow
 from bonexray.db.session import session_scope
+from bonexray.errors import BonexrayError, InvalidValueError, JobNotFoundError, NotFoundError
 from bonexray.results import DONE
 from bonexray.security import check_folder
 from bonexray.settings import Settings, get_settings
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int], None]
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(NotFoundError):
     """--model names neither a registered model nor an existing file."""
 
 
@@ -37,10 +38,6 @@ class NothingToSend(Exception):
         super().__init__(f"all {skipped} studies under {root} were already scored with this "
                          "model; nothing sent (--force sends them again)")
         self.root, self.skipped = root, skipped
-
-
-class JobNotFoundError(ValueError):
-    """No job has the id asked for."""
 
 
 @dataclass(frozen=True)
@@ -218,7 +215,7 @@ def run_embedded(*, engine: Engine, job: PreparedJob, settings: Settings,
         store.finish_job_if_done(session=session, job_id=job.job_id)
 
 
-class BrokerError(RuntimeError):
+class BrokerError(BonexrayError, RuntimeError):
     """The broker cannot be reached."""
 
 
@@ -299,8 +296,8 @@ def requeue_job(*, engine: Engine, job_id: int, settings: Settings) -> Requeued:
         if job is None:
             raise JobNotFoundError(f"no job {job_id} in the database")
         if job.mode != "celery":
-            raise ValueError(f"job {job_id} ran embedded (`bonexray run`): nothing to requeue "
-                             "on the broker; run the folder again")
+            raise InvalidValueError(f"job {job_id} ran embedded (`bonexray run`): nothing to "
+                                    "requeue on the broker; run the folder again")
         leased = count_leased(session=session, job_id=job_id,
                               lease_seconds=settings.lease_seconds)
     done = resend_unfinished(engine=engine, app=create_app(settings), settings=settings,

@@ -10,6 +10,8 @@ import logging
 import sys
 from datetime import datetime, timezone
 
+from bonexray.errors import InvalidValueError
+
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Attributes every LogRecord has; anything else on a record came from `extra`.
@@ -40,7 +42,8 @@ class JsonFormatter(logging.Formatter):
 
 def formatter(fmt: str) -> logging.Formatter:
     if fmt not in LOG_FORMATS:
-        raise ValueError(f"unknown log format {fmt!r}; choose one of {', '.join(LOG_FORMATS)}")
+        raise InvalidValueError(f"unknown log format {fmt!r}"
+                                f"; choose one of {', '.join(LOG_FORMATS)}")
     return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from bonexray.errors import InvalidValueError
+
 AGGREGATIONS = ("mean", "max")
 
 
@@ -93,7 +95,8 @@ def study_scores(view_study_ids: Sequence[Hashable], view_probs: Sequence[float]
                  how: str = "mean") -> dict[Hashable, float]:
     """Study score from its views' probabilities: mean (as in MURA) or max."""
     if how not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {how!r}; choose one of {', '.join(AGGREGATIONS)}")
+        raise InvalidValueError(f"unknown aggregation {how!r}"
+                                f"; choose one of {', '.join(AGGREGATIONS)}")
     probs = np.asarray(view_probs, dtype=np.float64).ravel()
     if len(view_study_ids) != probs.size:
         raise ValueError(f"{len(view_study_ids)} study ids but {probs.size} view probabilities")
@@ -129,13 +132,13 @@ def choose_threshold(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] |
         value = None
     if value is not None:
         if not 0.0 <= value <= 1.0 or math.isnan(value):
-            raise ValueError(f"threshold {value} outside 0..1")
+            raise InvalidValueError(f"threshold {value} outside 0..1")
         return value
     y, s = _arrays(labels, scores)
     n_pos = int(y.sum())
     n_neg = int(y.size - n_pos)
     if n_pos == 0 or (rule == "youden" and n_neg == 0):
-        raise ValueError(
+        raise InvalidValueError(
             f"rule {rule!r} needs both classes; got {n_pos} positives, {n_neg} negatives"
         )
     # Candidate thresholds: every distinct score, descending ("score >= t" is positive).
@@ -149,12 +152,12 @@ def choose_threshold(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] |
         try:
             target = float(rule.split("=", 1)[1])
         except ValueError:
-            raise ValueError(f"bad sensitivity target in {rule!r}") from None
+            raise InvalidValueError(f"bad sensitivity target in {rule!r}") from None
         if not 0.0 < target <= 1.0:
-            raise ValueError(f"sensitivity target {target} outside (0, 1]")
+            raise InvalidValueError(f"sensitivity target {target} outside (0, 1]")
         ok = np.flatnonzero(sens >= target - 1e-12)
         return float(candidates[int(ok[0])])  # sens reaches 1 at the lowest score
-    raise ValueError(
+    raise InvalidValueError(
         f"unknown threshold rule {rule!r}; use a number in 0..1, 'youden' or 'sensitivity=X'"
     )
 
@@ -223,7 +226,7 @@ def bootstrap_metrics(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] 
     y, s = _arrays(labels, scores)
     n = y.size
     if resamples < 1:
-        raise ValueError(f"resamples must be at least 1, got {resamples}")
+        raise InvalidValueError(f"resamples must be at least 1, got {resamples}")
     if n == 0:
         return {name: np.full(resamples, np.nan) for name in CI_METRICS}
     rng = np.random.default_rng(seed)
@@ -276,7 +279,7 @@ def bootstrap_ci(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] | np.
     fewer than half of them define it (e.g. AUROC with a single positive study).
     """
     if not 0.0 < level < 1.0:
-        raise ValueError(f"confidence level {level} outside (0, 1)")
+        raise InvalidValueError(f"confidence level {level} outside (0, 1)")
     draws = bootstrap_metrics(labels, scores, threshold, resamples=resamples, seed=seed)
     tail = (1.0 - level) / 2.0 * 100.0
     intervals: dict[str, tuple[float, float]] = {}

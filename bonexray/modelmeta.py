@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from bonexray.errors import BonexrayError
 from bonexray.imaging import RESIZE_RULES
 
 FORMAT_VERSION = "1"
@@ -21,7 +22,7 @@ PRECISIONS = ("fp32", "fp16", "int8")  # fp16 for GPU workers, int8 (static QDQ)
 REQUIRED_KEYS = ("bonexray_format", "architecture", "input_size", "resize", "threshold")
 
 
-class ModelMetadataError(ValueError):
+class ModelMetadataError(BonexrayError, ValueError):
     """A model file without the metadata that says how to feed it and read its output."""
 
 

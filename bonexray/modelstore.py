@@ -8,10 +8,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from bonexray.errors import BonexrayError
+
 log = logging.getLogger(__name__)
 
 
-class ModelStoreError(OSError):
+class ModelStoreError(BonexrayError, OSError):
     """The model store folder cannot be used."""
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from bonexray.errors import BonexrayError
 from bonexray.imaging import content_box
 from bonexray.metrics import roc_curve
 
@@ -25,7 +26,7 @@ BODY_PART_PNG = "by_body_part.png"
 CHART_METRICS = ("auroc", "kappa", "sensitivity", "specificity")
 
 
-class HeatmapError(ValueError):
+class HeatmapError(BonexrayError, ValueError):
     """The job's model cannot give heatmaps (no `cam` output) or its file is unusable."""
 
 
@@ -33,7 +34,7 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise RuntimeError("plots need matplotlib: pip install 'bonexray[report]'") from None
+        raise BonexrayError("plots need matplotlib: pip install 'bonexray[report]'") from None
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 

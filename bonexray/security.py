@@ -6,11 +6,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from bonexray.errors import BonexrayError
 from bonexray.imaging import ImageError
 from bonexray.settings import get_settings
 
 
-class PathNotAllowedError(PermissionError):
+class PathNotAllowedError(BonexrayError, PermissionError):
     """A folder or file lies outside BONEXRAY_DATA_ROOTS (or a symlink leads out of them)."""
 
 

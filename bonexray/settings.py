@@ -8,10 +8,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonexray.errors import BonexrayError
+
 ENV_PREFIX = "BONEXRAY_"
 
 
-class SettingsError(ValueError):
+class SettingsError(BonexrayError, ValueError):
     """A BONEXRAY_* variable holds a value that cannot be used."""
 
 

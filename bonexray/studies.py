@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bonexray.errors import BonexrayError
 from bonexray.imaging import is_view_file
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ _PART_RE = re.compile(r"^XR_(.+)$", re.IGNORECASE)
 SPLITS = ("train", "valid", "test")
 
 
-class StudyError(ValueError):
+class StudyError(BonexrayError, ValueError):
     """The folder to search is missing or unusable."""
 
 

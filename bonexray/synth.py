@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from bonexray.errors import InvalidValueError
+
 log = logging.getLogger(__name__)
 
 BODY_PARTS = ("ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST")
@@ -237,7 +239,7 @@ def _layout(part: str, frame: _Frame, rng: np.random.Generator, lateral: bool) -
             _disk(frame, 0.04 + j(), -0.1, 0.18 + j(), rng),
             _bone(frame, -0.05, -0.38 + j(), 1.45 + j(0.1), 0.9, 0.045 + j(0.006), rng),
         ]
-    raise ValueError(f"unknown body part {part!r}; choose one of {', '.join(BODY_PARTS)}")
+    raise InvalidValueError(f"unknown body part {part!r}; choose one of {', '.join(BODY_PARTS)}")
 
 
 def _point(rod: _Rod, at: float, off: float = 0.0) -> tuple[float, float]:
@@ -431,13 +433,14 @@ def render_view(rng: np.random.Generator, *, body_part: str, abnormal: bool,
     """
     part = body_part.upper()
     if part not in BODY_PARTS:
-        raise ValueError(f"unknown body part {body_part!r}; choose one of {', '.join(BODY_PARTS)}")
+        raise InvalidValueError(f"unknown body part {body_part!r}; choose one of "
+                                f"{', '.join(BODY_PARTS)}")
     if sign is not None and sign not in SIGNS:
-        raise ValueError(f"unknown sign {sign!r}; choose one of {', '.join(SIGNS)}")
+        raise InvalidValueError(f"unknown sign {sign!r}; choose one of {', '.join(SIGNS)}")
     if sign is not None and not abnormal:
-        raise ValueError(f"a normal view cannot carry the sign {sign!r}")
+        raise InvalidValueError(f"a normal view cannot carry the sign {sign!r}")
     if size < 16:
-        raise ValueError(f"image size {size} is too small; use at least 16 pixels")
+        raise InvalidValueError(f"image size {size} is too small; use at least 16 pixels")
 
     height = round(size * float(rng.uniform(0.75, 1.25)))
     width = round(size * float(rng.uniform(0.75, 1.25)))
@@ -543,19 +546,20 @@ def write_synthetic_mura(out: str | Path, *, studies: int, seed: int = 0,
     `signs`: the signs an abnormal study may carry (one drawn per study; default all).
     """
     if studies < 1:
-        raise ValueError(f"studies must be at least 1, got {studies}")
+        raise InvalidValueError(f"studies must be at least 1, got {studies}")
     if not 0 <= valid_fraction <= 1:
-        raise ValueError(f"valid_fraction must be within [0, 1], got {valid_fraction}")
+        raise InvalidValueError(f"valid_fraction must be within [0, 1], got {valid_fraction}")
     if not 0 <= abnormal_fraction <= 1:
-        raise ValueError(f"abnormal_fraction must be within [0, 1], got {abnormal_fraction}")
+        raise InvalidValueError(f"abnormal_fraction must be within [0, 1], got {abnormal_fraction}")
     if image_size < 16:
-        raise ValueError(f"image_size {image_size} is too small; use at least 16 pixels")
+        raise InvalidValueError(f"image_size {image_size} is too small; use at least 16 pixels")
     unknown = [x for x in signs if x not in SIGNS] if signs else ["(none)"]
     if unknown:
-        raise ValueError(f"unknown signs {unknown}; choose from {', '.join(SIGNS)}")
+        raise InvalidValueError(f"unknown signs {unknown}; choose from {', '.join(SIGNS)}")
     root = Path(out).expanduser().absolute()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise ValueError(f"refusing to write into {root}: it exists and is not an empty folder")
+        raise InvalidValueError(f"refusing to write into {root}: it exists and is not an "
+                                "empty folder")
     root.mkdir(parents=True, exist_ok=True)
 
     image_rows: dict[str, list[str]] = {name: [] for name in SPLITS}

@@ -65,8 +65,11 @@ def test_embedded_run_on_sqlite(data: Path, model: Path, tmp_path: Path):
     folder = data / "valid"
     out = bonexray("run", str(folder), "--model", str(model), "--db", url, "--json")
     summary = json.loads(out.stdout)  # stdout carries only the JSON
-    assert set(summary) == {"job", "studies", "views"}
-    assert summary["studies"] == len(find_studies(folder))
+    # The counts the text shows are in the JSON too.
+    assert set(summary) == {"job", "studies", "views", "done", "partial", "failed", "empty",
+                            "views_scored", "views_failed", "elapsed_s"}
+    assert summary["studies"] == len(find_studies(folder)) == summary["done"]
+    assert summary["views_scored"] == summary["views"] and summary["failed"] == 0
     check_every_study_scored(url, summary["job"], folder)
 
     listed = json.loads(bonexray("results", str(summary["job"]), "--db", url, "--format",

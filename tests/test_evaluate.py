@@ -264,7 +264,7 @@ def test_results_filters_and_jobs_command(db_url: str) -> None:
     code, out, err = invoke("jobs", "--format", "json")
     assert code == 0, err
     (job,) = json.loads(out)
-    assert (job["id"], job["done"], job["failed"], job["model"]) == (job_id, 54, 3, "net")
+    assert (job["job"], job["done"], job["failed"], job["model"]) == (job_id, 54, 3, "net")
     assert job["duration_s"] is not None and job["duration_s"] >= 0
     code, out, _ = invoke("jobs")
     assert code == 0 and "net" in out

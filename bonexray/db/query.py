@@ -11,16 +11,13 @@ from sqlalchemy.orm import Session
 
 from bonexray.db.ledger import any_live_lease
 from bonexray.db.models import Evaluation, Job, Model, Study, View, utcnow
+from bonexray.errors import InvalidValueError, JobNotFoundError
 from bonexray.results import DONE, EMPTY, FAILED, QUEUED, STATUSES
 
 PREDICTIONS = ("normal", "abnormal")
 ORDERS = ("path", "score", "-score")
 MIN_SHA_PREFIX = 8
 _MAX_ID = 2**31 - 1
-
-
-class JobNotFoundError(LookupError):
-    """No job has the id asked for."""
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -94,7 +91,7 @@ def list_jobs(*, session: Session, limit: int = 50) -> list[dict[str, Any]]:
     for job, model_name in rows:
         by_status = counts.get(job.id, dict.fromkeys(STATUSES, 0))
         jobs.append({
-            "id": job.id,
+            "job": job.id,
             "root": job.root,
             "model_id": job.model_id,
             "model": model_name,
@@ -107,6 +104,10 @@ def list_jobs(*, session: Session, limit: int = 50) -> list[dict[str, Any]]:
             "finished": by_status[QUEUED] == 0,
         })
     return jobs
+
+
+def count_jobs(*, session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Job)) or 0)
 
 
 RUNNING, FINISHED_STATE, STALLED = "running", "finished", "stalled"
@@ -195,7 +196,7 @@ def job_progress(*, session: Session, job_id: int, lease_seconds: int = 30,
         "views_scored": n_scored,
         "views_failed": n_failed,
         "finished": finished,
-        "started": _iso(job.created_at),
+        "created_at": _iso(job.created_at),
         "finished_at": _iso(finished_at),
         "last_progress": _iso(last_progress),
         "images_per_s": images_per_s,
@@ -207,6 +208,42 @@ def path_pattern(pattern: str) -> str:
     anywhere in the path (a pattern without wildcards is a substring)."""
     escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return "%" + escaped.replace("*", "%").replace("?", "_") + "%"
+
+
+def _result_conditions(*, job_id: int, body_part: str | None, prediction: str | None,
+                       status: str | None, min_score: float | None, max_score: float | None,
+                       path: str | None) -> list[ColumnElement[bool]]:
+    if prediction is not None and prediction not in PREDICTIONS:
+        raise InvalidValueError(f"prediction {prediction!r} is not one of "
+                                f"{', '.join(PREDICTIONS)}")
+    if status is not None and status not in STATUSES:
+        raise InvalidValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+    conditions: list[ColumnElement[bool]] = [Study.job_id == job_id]
+    if body_part is not None:
+        conditions.append(func.lower(Study.body_part) == body_part.lower())
+    if prediction is not None:
+        conditions.append(Study.prediction == prediction)
+    if status is not None:
+        conditions.append(Study.status == status)
+    if min_score is not None:
+        conditions.append(Study.score >= min_score)
+    if max_score is not None:
+        conditions.append(Study.score <= max_score)
+    if path is not None:
+        conditions.append(Study.path.ilike(path_pattern(path), escape="\\"))
+    return conditions
+
+
+def count_job_results(*, session: Session, job_id: int, body_part: str | None = None,
+                      prediction: str | None = None, status: str | None = None,
+                      min_score: float | None = None, max_score: float | None = None,
+                      path: str | None = None) -> int:
+    """How many studies job_results would return with these filters and no limit."""
+    conditions = _result_conditions(job_id=job_id, body_part=body_part, prediction=prediction,
+                                    status=status, min_score=min_score, max_score=max_score,
+                                    path=path)
+    return int(session.scalar(select(func.count()).select_from(Study).where(*conditions))
+               or 0)
 
 
 def job_results(*, session: Session, job_id: int, body_part: str | None = None,
@@ -222,24 +259,10 @@ def job_results(*, session: Session, job_id: int, body_part: str | None = None,
     views of those studies.
     """
     if order not in ORDERS:
-        raise ValueError(f"order {order!r} is not one of {', '.join(ORDERS)}")
-    if prediction is not None and prediction not in PREDICTIONS:
-        raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTIONS)}")
-    if status is not None and status not in STATUSES:
-        raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
-    conditions: list[ColumnElement[bool]] = [Study.job_id == job_id]
-    if body_part is not None:
-        conditions.append(func.lower(Study.body_part) == body_part.lower())
-    if prediction is not None:
-        conditions.append(Study.prediction == prediction)
-    if status is not None:
-        conditions.append(Study.status == status)
-    if min_score is not None:
-        conditions.append(Study.score >= min_score)
-    if max_score is not None:
-        conditions.append(Study.score <= max_score)
-    if path is not None:
-        conditions.append(Study.path.ilike(path_pattern(path), escape="\\"))
+        raise InvalidValueError(f"order {order!r} is not one of {', '.join(ORDERS)}")
+    conditions = _result_conditions(job_id=job_id, body_part=body_part, prediction=prediction,
+                                    status=status, min_score=min_score, max_score=max_score,
+                                    path=path)
     ordering: list[Any] = [_by_path(session, Study.path)]
     if order != "path":
         ordering = [Study.score.is_(None),
@@ -335,9 +358,10 @@ def latest_evaluation(*, session: Session, job_id: int) -> list[Evaluation]:
 
 
 def list_models(*, session: Session) -> list[dict[str, Any]]:
-    """Every registered model, oldest first: name, sha256, path, created_at and metadata."""
+    """Every registered model, oldest first: its name (`model`), id, sha256, path, created_at
+    and metadata."""
     return [
-        {"id": m.id, "name": m.name, "sha256": m.sha256, "path": m.path,
+        {"model": m.name, "id": m.id, "sha256": m.sha256, "path": m.path,
          "created_at": _iso(m.created_at), "metadata": dict(m.meta or {})}
         for m in session.scalars(select(Model).order_by(Model.id))
     ]

@@ -24,6 +24,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
+from bonexray.errors import BonexrayError
 from bonexray.settings import get_settings, resolve_database_url
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ _lock = threading.Lock()
 _alembic_lock = threading.Lock()
 
 
-class DatabaseError(RuntimeError):
+class DatabaseError(BonexrayError, RuntimeError):
     """The database cannot be reached, or its schema cannot be brought to this version."""
 
 

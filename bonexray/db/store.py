@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from bonexray.db.models import BatchStat as BatchStatRow
 from bonexray.db.models import Evaluation, Job, Model, Study, View, utcnow
+from bonexray.errors import BonexrayError
 from bonexray.results import EMPTY, FAILED, QUEUED, BatchStat, StudyResult
 from bonexray.studies import Study as FoundStudy
 
@@ -25,7 +26,7 @@ _STUDIES = cast(Table, Study.__table__)
 _VIEWS = cast(Table, View.__table__)
 
 
-class ModelNameError(ValueError):
+class ModelNameError(BonexrayError, ValueError):
     """A model name asked for explicitly is already taken by a different model file."""
 
 

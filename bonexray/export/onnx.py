@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bonexray.errors import BonexrayError, InvalidValueError
 from bonexray.export.quantize import (
     JudgingSet,
     PrecisionError,
@@ -59,11 +60,11 @@ _TRAINING_KEYS = ("data", "epochs", "image_size", "batch_size", "lr", "weights",
                   "rotation", "max_steps", "freeze", "resize", "test")
 
 
-class ParityError(ValueError):
+class ParityError(BonexrayError, ValueError):
     """The exported graph's outputs differ from torch's beyond the tolerance."""
 
 
-class EnsembleError(ValueError):
+class EnsembleError(BonexrayError, ValueError):
     """Checkpoints that cannot be averaged in one graph (different input size or resize)."""
 
 
@@ -151,8 +152,8 @@ class ProbabilityNet(nn.Module):
         if not members:
             raise ValueError("no network to export")
         if tta not in TTA_MODES:
-            raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of "
-                             f"{', '.join(TTA_MODES)}")
+            raise InvalidValueError(f"unknown test-time augmentation {tta!r}; choose one of "
+                                    f"{', '.join(TTA_MODES)}")
         self.members = nn.ModuleList(members)
         self.cam = cam
         self.tta = tta
@@ -194,26 +195,26 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[BoneXRayNet, dict[str
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:  # garbage, an .onnx file, a pickle of arbitrary objects
         # (torch's own message advises weights_only=False, which would run the file's code)
-        raise ValueError(f"{checkpoint} is not a bonexray checkpoint (a file written by "
-                         f"`bonexray train`, e.g. OUT/best.pt): torch.load refused it "
-                         f"({type(exc).__name__})") from None
+        raise InvalidValueError(f"{checkpoint} is not a bonexray checkpoint (a file written by "
+                                f"`bonexray train`, e.g. OUT/best.pt): torch.load refused it "
+                                f"({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{checkpoint} is not a bonexray checkpoint (no 'model' entry)")
+        raise InvalidValueError(f"{checkpoint} is not a bonexray checkpoint (no 'model' entry)")
     if ckpt.get("architecture", ARCHITECTURE) != ARCHITECTURE:
-        raise ValueError(
+        raise InvalidValueError(
             f"{checkpoint}: architecture {ckpt.get('architecture')!r}; "
             f"this exporter knows {ARCHITECTURE}"
         )
     if "image_size" not in ckpt:
-        raise ValueError(f"{checkpoint}: no 'image_size' entry; not a bonexray checkpoint")
+        raise InvalidValueError(f"{checkpoint}: no 'image_size' entry; not a bonexray checkpoint")
     head = dict(ckpt.get("head") or {})
     head.pop("freeze", None)  # frozen or not, the exported network is the same
     try:
         model = BoneXRayNet(**head)
         model.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError) as exc:
-        raise ValueError(f"{checkpoint}: head {head} does not rebuild the trained network: "
-                         f"{' '.join(str(exc).split())[:300]}") from None
+        raise InvalidValueError(f"{checkpoint}: head {head} does not rebuild the trained network: "
+                                f"{' '.join(str(exc).split())[:300]}") from None
     return model.eval(), ckpt
 
 
@@ -454,12 +455,13 @@ def export_model(checkpoint: str | Sequence[str], out: str, *, opset: int = DEFA
     check passed.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise InvalidValueError(f"unknown precision {precision!r}"
+                                f"; choose one of {', '.join(PRECISIONS)}")
     if aggregation not in ("mean", "max"):
-        raise ValueError(f"unknown aggregation {aggregation!r}; choose mean or max")
+        raise InvalidValueError(f"unknown aggregation {aggregation!r}; choose mean or max")
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     if not checkpoints:
-        raise ValueError("no checkpoint to export")
+        raise InvalidValueError("no checkpoint to export")
     members = load_members(checkpoints)
     image_size = members[0].image_size
     prepared = None if precision == "fp32" else prepare_precision(

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from bonexray.errors import BonexrayError, InvalidValueError
 from bonexray.imaging import ImageError, load_view
 from bonexray.metrics import auroc, json_safe, study_scores
 from bonexray.modelmeta import INPUT_NAME, OUTPUT_PROB, build_metadata, parse_metadata
@@ -52,7 +53,7 @@ FP32_OUTPUT_OPS = ("Gemm", "MatMul")
 FP16_FP32_OPS = ("Sigmoid",)
 
 
-class PrecisionError(ValueError):
+class PrecisionError(BonexrayError, ValueError):
     """A lower-precision model moves validation AUROC beyond the bound, or cannot be judged."""
 
 
@@ -497,7 +498,7 @@ def prepare_precision(precision: str, members: Sequence[Member], *, calibration:
     """Decode the validation studies (and, for int8, calibration views) first: an export
     that cannot be judged stops before the slow part."""
     if precision not in GATES:
-        raise ValueError(f"no lower precision called {precision!r} (fp16, int8)")
+        raise InvalidValueError(f"no lower precision called {precision!r} (fp16, int8)")
     if min_agreement is None:
         min_agreement = GATES[precision][0]
     if max_score_change is None:

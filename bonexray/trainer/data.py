@@ -10,6 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from bonexray.errors import InvalidValueError
 from bonexray.imaging import DEFAULT_MAX_PIXELS, DEFAULT_RESIZE, ImageError, load_view
 from bonexray.studies import Study
 
@@ -26,7 +27,7 @@ class TrainAugment:
 
     def __init__(self, rotation: float = 30.0, flip: bool = True) -> None:
         if rotation < 0:
-            raise ValueError(f"rotation must be >= 0 degrees, got {rotation}")
+            raise InvalidValueError(f"rotation must be >= 0 degrees, got {rotation}")
         self.rotation = float(rotation)
         self.flip = flip
 
@@ -73,7 +74,7 @@ class ViewDataset(Dataset[tuple[torch.Tensor, float, int]]):
                  check: bool = True, seed: int = 0) -> None:
         unlabelled = [s.path for s in studies if s.label is None]
         if unlabelled:
-            raise ValueError(
+            raise InvalidValueError(
                 f"{len(unlabelled)} studies have no label (e.g. {unlabelled[0]}); "
                 "name folders *_positive / *_negative or add MURA CSVs"
             )

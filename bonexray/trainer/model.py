@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torchvision.models import DenseNet169_Weights, densenet169
 
+from bonexray.errors import BonexrayError, InvalidValueError
+
 log = logging.getLogger(__name__)
 
 ARCHITECTURE = "densenet169"
@@ -27,7 +29,7 @@ _LEGACY_KEY = re.compile(
 _STRIP_PREFIXES = ("module.", "net.")
 
 
-class WeightsError(ValueError):
+class WeightsError(BonexrayError, ValueError):
     """Initial weights that cannot be found or do not fit the network."""
 
 
@@ -59,7 +61,7 @@ def _make_head(in_features: int, head: tuple[int, ...], dropout: float, batch_no
     width = in_features
     for hidden in head:
         if hidden < 1:
-            raise ValueError(f"head layer widths must be >= 1, got {head}")
+            raise InvalidValueError(f"head layer widths must be >= 1, got {head}")
         layers.append(nn.Linear(width, hidden))
         if batch_norm:
             layers.append(nn.BatchNorm1d(hidden))
@@ -151,9 +153,9 @@ def build_model(*, weights: str | None = None, head: tuple[int, ...] = (), dropo
     torch hub cache, never downloaded) or a path to a local state dict.
     """
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+        raise InvalidValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout {dropout} outside [0, 1)")
+        raise InvalidValueError(f"dropout {dropout} outside [0, 1)")
     net = densenet169(weights=None)
     # The head first, so that a bonexray checkpoint with the same head keeps its classifier.
     net.classifier = _make_head(net.classifier.in_features, tuple(head), dropout, batch_norm,
@@ -187,7 +189,7 @@ def parse_freeze(spec: str) -> int | None:
             k = -1
         if 1 <= k <= DENSE_BLOCKS:
             return k
-    raise ValueError(
+    raise InvalidValueError(
         f"unknown freeze {spec!r}; choose none, backbone or all-but-K with K in 1..{DENSE_BLOCKS}"
     )
 
@@ -220,7 +222,7 @@ class BoneXRayNet(nn.Module):
         super().__init__()
         if layers is not None:
             if head and tuple(head) != tuple(layers):
-                raise ValueError(f"head {head} and layers {layers} disagree; give one")
+                raise InvalidValueError(f"head {head} and layers {layers} disagree; give one")
             head = tuple(layers)
         self.preprocess = Preprocess()
         self.net = build_model(weights=weights, head=tuple(head), dropout=dropout,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bonexray.errors import BonexrayError, InvalidValueError
 from bonexray.imaging import RESIZE_RULES
 from bonexray.metrics import (
     bootstrap_ci,
@@ -61,7 +62,7 @@ _RESUME_DEFAULTS = {"loss_weights": "body-part", "test": None, "checkpoint": "be
                     "average_last": 3, "optimizer": "auto", "candidates": False}
 
 
-class TrainError(ValueError):
+class TrainError(BonexrayError, ValueError):
     """Training cannot start with the given data or configuration."""
 
 
@@ -324,7 +325,8 @@ def class_weights(dataset: ViewDataset, how: str = "body-part") -> torch.Tensor:
     share over all training views; none: 1 and 1.
     """
     if how not in LOSS_WEIGHTS:
-        raise ValueError(f"unknown loss weights {how!r}; choose one of {', '.join(LOSS_WEIGHTS)}")
+        raise InvalidValueError(f"unknown loss weights {how!r}; choose one of "
+                                f"{', '.join(LOSS_WEIGHTS)}")
     counts: dict[str, list[int]] = {}
     total = [0, 0]
     for (_, index), label in zip(dataset.items, dataset.labels(), strict=True):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from bonexray.errors import BonexrayError
 from bonexray.modelmeta import INPUT_NAME, OUTPUT_PROB, ModelInfo, parse_metadata
 from bonexray.settings import Settings
 
@@ -24,7 +25,7 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(BonexrayError, RuntimeError):
     """The model file cannot be used: missing, tampered with, or not a bonexray model."""
 
 
@@ -33,7 +34,7 @@ class ModelMismatchError(ModelLoadError):
     on every worker, so its studies fail instead of waiting for a healthy worker."""
 
 
-class ProviderError(RuntimeError):
+class ProviderError(BonexrayError, RuntimeError):
     """The execution provider the settings demand is not active."""
 
 

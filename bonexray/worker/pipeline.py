@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bonexray.errors import InvalidValueError
 from bonexray.imaging import DEFAULT_DECODE_BUDGET, ImageError, load_view
 from bonexray.results import DONE, EMPTY, FAILED, BatchStat, StudyResult, StudyTask, ViewResult
 from bonexray.security import check_view
@@ -37,7 +38,7 @@ def aggregate(probs: Sequence[float], how: str) -> float:
         return float(np.mean(probs))
     if how == "max":
         return float(np.max(probs))
-    raise ValueError(f"unknown aggregation {how!r}; choose mean or max")
+    raise InvalidValueError(f"unknown aggregation {how!r}; choose mean or max")
 
 
 def study_result(task: StudyTask, views: tuple[ViewResult, ...], *, threshold: float,

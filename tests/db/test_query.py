@@ -11,7 +11,7 @@ from bonexray.results import StudyResult, ViewResult
 from bonexray.studies import Study as FoundStudy
 
 PROGRESS_KEYS = {"job", "studies", "queued", "done", "failed", "empty", "views",
-                 "views_scored", "views_failed", "finished", "started", "finished_at",
+                 "views_scored", "views_failed", "finished", "created_at", "finished_at",
                  "images_per_s", "state", "in_flight", "partial", "last_progress"}
 RESULT_KEYS = {"study", "body_part", "label", "score", "prediction", "status", "partial",
                "error", "views"}
@@ -81,9 +81,9 @@ def test_get_job_latest_job_and_list_jobs(session: Session, model: Model) -> Non
     assert query.get_job(session=session, job_id=10**6) is None
     assert query.latest_job(session=session) is second
     jobs = query.list_jobs(session=session)
-    assert [j["id"] for j in jobs] == [second.id, first.id]
+    assert [j["job"] for j in jobs] == [second.id, first.id]
     assert jobs[1] == {
-        "id": first.id, "root": "/a", "model_id": model.id, "model": model.name,
+        "job": first.id, "root": "/a", "model_id": model.id, "model": model.name,
         "mode": "celery", "created_at": first.created_at.isoformat(), "finished_at": None,
         "studies": 5, "views": 8, "queued": 1, "done": 2, "failed": 1, "empty": 1,
         "finished": False,
@@ -99,7 +99,7 @@ def test_job_progress(session: Session, model: Model) -> None:
     assert {k: progress[k] for k in PROGRESS_KEYS - {"images_per_s", "last_progress"}} == {
         "job": job.id, "state": "running", "studies": 5, "queued": 1, "in_flight": 0,
         "done": 2, "partial": 1, "failed": 1, "empty": 1, "views": 8, "views_scored": 3,
-        "views_failed": 2, "finished": False, "started": job.created_at.isoformat(),
+        "views_failed": 2, "finished": False, "created_at": job.created_at.isoformat(),
         "finished_at": None,
     }
     assert progress["images_per_s"] is None or progress["images_per_s"] > 0

@@ -49,12 +49,12 @@ def test_models_add_and_list(backend: str, tmp_path: Path, request: pytest.Fixtu
     code, out, err = invoke("models", "add", second, "--db", url, "--json")
     assert code == 0, err
     added = json.loads(out)
-    assert added["name"] == "second" and added["metadata"]["input_size"] == "48"
+    assert added["model"] == "second" and added["metadata"]["input_size"] == "48"
 
     code, out, err = invoke("models", "list", "--db", url, "--format", "json")
     assert code == 0, err
     rows = json.loads(out)
-    assert [(r["name"], r["sha256"], r["path"]) for r in rows] == [
+    assert [(r["model"], r["sha256"], r["path"]) for r in rows] == [
         ("wrist-v1", sha256_file(first), str(Path(first).resolve())),
         ("second", sha256_file(second), str(Path(second).resolve())),
     ]

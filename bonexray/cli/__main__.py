@@ -1,0 +1,3 @@
+from bonexray.cli import main
+
+main()

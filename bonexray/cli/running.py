@@ -1,0 +1,324 @@
+"""Job commands: `run` classifies a folder in this process, `enqueue` sends it to the
+workers, `worker` starts one, `status` follows a job and `requeue` sends its stragglers
+again."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from bonexray.cli import base
+from bonexray.cli.base import (
+    EXIT_FAILURES,
+    EXIT_SICK,
+    apply_overrides,
+    broker_option,
+    cli,
+    db_option,
+    user_errors,
+)
+from bonexray.cli.render import console, emit, output_format
+from bonexray.settings import get_settings
+
+
+def _with_progress(total: int, label: str, work: Callable[[Callable[[int], None]], Any]) -> Any:
+    """Run work(advance) under a progress bar on stderr (stdout stays for results/JSON)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=console(stderr=True)) as progress:
+        task = progress.add_task(label, total=total)
+        return work(lambda n: progress.advance(task, n))
+
+
+@cli.command(short_help="Classify a folder of studies in this process.")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "model_ref", required=True, help="model.onnx path or registered name.")
+@db_option
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+              help="Studies per chunk [env: BONEXRAY_CHUNK_SIZE; default: 16].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Views per inference batch [env: BONEXRAY_BATCH_SIZE; default: 16].")
+@output_format
+@user_errors
+def run(folder: str, model_ref: str, database_url: str | None, fmt: str,
+        chunk_size: int | None, batch_size: int | None) -> None:
+    """Classify every study under FOLDER in this process (no broker): the embedded default."""
+    from bonexray.jobs import prepare_job, resolve_model, run_embedded
+    from bonexray.worker.inference import check_provider_settings
+
+    apply_overrides(database_url=database_url, chunk_size=chunk_size, batch_size=batch_size)
+    settings = get_settings()
+    check_provider_settings(settings)  # before a job is registered
+    db = base.engine(model_ref=model_ref)
+    model = resolve_model(engine=db, ref=model_ref)
+    job = prepare_job(engine=db, root=folder, model=model, mode="embedded",
+                      options={"chunk_size": settings.chunk_size,
+                               "batch_size": settings.batch_size})
+    start = time.perf_counter()
+    _with_progress(len(job.study_ids), f"job {job.job_id}",
+                   lambda advance: run_embedded(engine=db, job=job, settings=settings,
+                                                progress=advance))
+    elapsed = time.perf_counter() - start
+    _print_job_summary(job.job_id, elapsed, fmt)
+
+
+@cli.command(short_help="Send a folder of studies to the workers.")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "model_ref", required=True, help="model.onnx path or registered name.")
+@db_option
+@broker_option
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+              help="Studies per task [env: BONEXRAY_CHUNK_SIZE; default: 16].")
+@click.option("--force", is_flag=True,
+              help="Also send studies an earlier job already scored with this model.")
+@output_format
+@user_errors
+def enqueue(folder: str, model_ref: str, database_url: str | None, broker_url: str | None,
+            fmt: str, chunk_size: int | None, force: bool) -> None:
+    """Register a job for every study under FOLDER and send its chunks to the workers."""
+    from bonexray.jobs import NothingToSend, check_broker, prepare_job, resolve_model, send_job
+
+    apply_overrides(database_url=database_url, broker_url=broker_url, chunk_size=chunk_size)
+    settings = get_settings()
+    check_broker(settings)
+    db = base.engine(model_ref=model_ref)
+    model = resolve_model(engine=db, ref=model_ref)
+    try:
+        job = prepare_job(engine=db, root=folder, model=model, mode="celery",
+                          options={"chunk_size": settings.chunk_size, "force": force},
+                          skip_done=not force)
+    except NothingToSend as nothing:  # not an error: the folder is done; no empty job
+        message = str(nothing)
+        emit({"job": None, "studies": 0, "views": 0, "empty": 0, "chunks": 0,
+              "skipped": nothing.skipped}, fmt, lambda: click.echo(message))
+        return
+    sent = _with_progress(len(job.study_ids), f"enqueue job {job.job_id}",
+                          lambda advance: send_job(engine=db, job=job, settings=settings,
+                                                   progress=advance))
+    skipped = (f"; {job.skipped} already scored with this model skipped (--force sends "
+               "them)" if job.skipped else "")
+    emit({"job": job.job_id, "studies": job.studies, "views": job.views, "empty": job.empty,
+          "chunks": sent, "skipped": job.skipped}, fmt, lambda: click.echo(
+        f"job {job.job_id}: {job.studies} studies ({job.views} views, {job.empty} "
+        f"empty) sent as {sent} chunks{skipped}; follow with `bonexray status "
+        f"{job.job_id} --wait`"))
+
+
+@cli.command(short_help="Send a job's unfinished studies again.")
+@click.argument("job", type=int)
+@db_option
+@broker_option
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+              help="Studies per task [env: BONEXRAY_CHUNK_SIZE; default: 16].")
+@output_format
+@user_errors
+def requeue(job: int, database_url: str | None, broker_url: str | None, fmt: str,
+            chunk_size: int | None) -> None:
+    """Send again what JOB has unfinished, unleased and not waiting (safe to repeat).
+
+    Workers' reapers do this by themselves within a lease or so; this is the manual tool."""
+    from bonexray.jobs import check_broker, requeue_job
+
+    apply_overrides(database_url=database_url, broker_url=broker_url, chunk_size=chunk_size)
+    settings = get_settings()
+    check_broker(settings)
+    db = base.engine()
+    done = requeue_job(engine=db, job_id=base.job_id(db, job), settings=settings)
+    emit({"job": done.job_id, "studies": done.studies, "chunks": done.chunks,
+          "leased": done.leased, "waiting": done.waiting}, fmt, lambda: click.echo(
+        f"job {done.job_id}: {done.studies} unfinished studies sent again as "
+        f"{done.chunks} chunks; not sent: {done.leased} held by a live worker, "
+        f"{done.waiting} still waiting in the queue"))
+
+
+def _print_job_summary(job: int, elapsed: float, fmt: str) -> None:
+    from bonexray.db.query import job_progress
+    from bonexray.db.session import session_scope
+
+    with session_scope(base.engine()) as session:
+        p = job_progress(session=session, job_id=job)
+    summary = {key: p[key] for key in ("job", "studies", "views", "done", "partial", "failed",
+                                       "empty", "views_scored", "views_failed")}
+    summary["elapsed_s"] = round(elapsed, 3)
+    emit(summary, fmt, lambda: click.echo(
+        f"job {job}: {p['done']} done, {p['failed']} failed, {p['empty']} empty of "
+        f"{p['studies']} studies; {p['views_scored']} views scored, {p['views_failed']} "
+        f"failed; {elapsed:.1f} s. See `bonexray results {job}`."))
+
+
+@cli.command(short_help="Start a Celery worker that classifies studies.")
+@db_option
+@broker_option
+@click.option("--concurrency", "-c", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes (one per GPU is usual).")
+@click.option("--pool", type=click.Choice(["prefork", "solo", "threads"]), default="prefork",
+              show_default=True,
+              help="Celery's pool: prefork (processes; one per GPU), solo (this process), "
+                   "threads.")
+@click.option("--queue", "-Q", default=None, help="Queue to consume (default bonexray).")
+@click.option("--hostname", "-n", default=None, help="Worker node name (Celery's -n).")
+@click.option("--log-level", "--loglevel", "-l", "loglevel", default=None,
+              help="Celery's log level [env: BONEXRAY_LOG_LEVEL; default: info]; "
+                   "--loglevel is Celery's spelling.")
+@click.option("--gpus", default=None,
+              help="One pool process per GPU, each pinned to its device: all, or 0,1,3 "
+                   "(default BONEXRAY_GPUS; sets the pool to prefork and the concurrency).")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+@user_errors
+def worker(database_url: str | None, broker_url: str | None, concurrency: int, pool: str,
+           queue: str | None, hostname: str | None, loglevel: str | None, gpus: str | None,
+           celery_args: tuple[str, ...]) -> None:
+    """Start a Celery worker that classifies chunks (extra args go to `celery worker`)."""
+    from bonexray.worker.inference import parse_gpus
+
+    apply_overrides(gpus=gpus)
+    gpu_ids = parse_gpus(get_settings().gpus)
+    if gpu_ids:
+        pool, concurrency = "prefork", len(gpu_ids)
+        apply_overrides(gpus=",".join(map(str, gpu_ids)))
+    processes = 1 if pool in ("solo", "threads") else concurrency
+    apply_overrides(database_url=database_url, broker_url=broker_url, queue=queue,
+                     worker_processes=processes)
+    settings = get_settings()
+    from bonexray.db.session import open_database
+    from bonexray.worker.inference import check_required_gpu
+
+    check_required_gpu(settings)  # a GPU node without a working GPU takes no chunks
+    open_database(settings.database_url)  # fail fast, and migrate once before forking
+    import tempfile
+
+    from bonexray.worker.app import create_app
+    from bonexray.worker.tasks import MAIN_PID_ENV, SICK_FILE_ENV
+
+    app = create_app(settings)
+    argv = ["worker", f"--loglevel={loglevel or settings.log_level}", f"--pool={pool}",
+            f"--concurrency={concurrency}", f"--queues={settings.queue}"]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    # A pool process that cannot classify (model missing here, provider broken) writes why
+    # into this file and asks this process to stop: the exit status says so.
+    fd, sick_file = tempfile.mkstemp(prefix="bonexray-worker-", suffix=".sick")
+    os.close(fd)
+    os.environ[MAIN_PID_ENV] = str(os.getpid())
+    os.environ[SICK_FILE_ENV] = sick_file
+    try:
+        try:
+            app.worker_main(argv=[*argv, *celery_args])
+        except SystemExit as exc:
+            code = exc.code
+        else:
+            code = 0
+        with open(sick_file, encoding="utf-8") as fh:
+            reason = fh.read().strip()
+    finally:
+        os.unlink(sick_file)
+    if reason:
+        click.echo(f"bonexray worker stopped: it cannot classify here: {reason}", err=True)
+        sys.exit(EXIT_SICK)
+    sys.exit(code)
+
+
+@cli.command(short_help="Follow a job's progress.")
+@click.argument("job", type=int, required=False)
+@db_option
+@click.option("--wait", is_flag=True,
+              help="Follow the job until it is finished (or stalled).")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+              help="Seconds between polls.")
+@click.option("--timeout", type=float, default=None, help="Give up waiting after this long.")
+@click.option("--stall-after", type=click.IntRange(min=1), default=None,
+              help="Seconds without progress and without a live lease after which the job "
+                   "is stalled [env: BONEXRAY_STALL_SECONDS; default: 300].")
+@output_format
+@user_errors
+def status(job: int | None, database_url: str | None, wait: bool, fmt: str,
+           interval: float, timeout: float | None, stall_after: int | None) -> None:
+    """Progress of a job (the latest when JOB is omitted).
+
+    Exit status: 0 finished (or running, without --wait) with no failed study; 1 finished
+    with failed studies; 2 a user error (no such job, database unreachable); 3 --wait gave
+    up after --timeout; 4 stalled: studies unfinished, no worker holds any, and nothing
+    happened for --stall-after seconds."""
+    from bonexray.db.query import STALLED, job_progress
+    from bonexray.db.session import session_scope
+
+    apply_overrides(database_url=database_url, stall_seconds=stall_after)
+    settings = get_settings()
+    db = base.engine(read_only=True)
+    job_id = base.job_id(db, job)
+
+    def read() -> dict[str, Any]:
+        with session_scope(db) as session:
+            return job_progress(session=session, job_id=job_id,
+                                lease_seconds=settings.lease_seconds,
+                                stall_seconds=settings.stall_seconds)
+
+    p = read()
+    if wait and p["state"] == "running":
+        p = _follow(read, p, interval, timeout)
+    rate = f"{p['images_per_s']:.1f} images/s" if p["images_per_s"] else "-"
+    partial = f" ({p['partial']} partial)" if p["partial"] else ""
+    emit(p, fmt, lambda: click.echo(
+        f"job {job_id}: {p['state']}; {p['done']} done{partial}, {p['failed']} failed, "
+        f"{p['empty']} empty, {p['queued']} queued ({p['in_flight']} in flight) of "
+        f"{p['studies']} studies; views {p['views_scored']} scored, {p['views_failed']} "
+        f"failed; {rate}"))
+    if p["state"] == STALLED:
+        click.echo(f"job {job_id} is stalled: {p['queued']} studies unfinished, no worker "
+                   f"holds any, no progress since {p['last_progress']} (are workers running "
+                   "on this database and queue? see their logs)", err=True)
+        sys.exit(4)
+    if wait and not p["finished"]:
+        click.echo(f"job {job_id} still has {p['queued']} queued studies after {timeout} s",
+                   err=True)
+        sys.exit(3)
+    if p["finished"] and p["failed"]:
+        sys.exit(EXIT_FAILURES)
+
+
+def _follow(read: Callable[[], dict[str, Any]], p: dict[str, Any], interval: float,
+            timeout: float | None) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with Progress("[progress.description]{task.description}", BarColumn(),
+                  MofNCompleteColumn(), "{task.fields[info]}",
+                  console=console(stderr=True)) as progress:
+        task = progress.add_task(f"job {p['job']}", total=p["studies"], info="")
+        while True:
+            progress.update(task, completed=p["studies"] - p["queued"],
+                            info=progress_line(p))
+            if p["state"] != "running" or (deadline is not None
+                                           and time.monotonic() > deadline):
+                return p
+            time.sleep(interval)
+            p = read()
+
+
+def progress_line(p: dict[str, Any]) -> str:
+    """done / failed / queued, images/s and the time left at that rate, for the live bar."""
+    rate = p["images_per_s"]
+    left = p["views"] - p["views_scored"] - p["views_failed"]
+    if p["finished"] or left <= 0:
+        eta = "0:00:00"
+    elif rate:
+        minutes, seconds = divmod(int(left / rate + 0.5), 60)
+        eta = f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+    else:
+        eta = "-:--:--"
+    speed = f"{rate:.1f} img/s" if rate else "- img/s"
+    return (f"done {p['done']} · failed {p['failed']} · queued {p['queued']} "
+            f"({p['in_flight']} in flight) · {speed} · ETA {eta}")
