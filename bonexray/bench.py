@@ -93,7 +93,7 @@ def export_untrained_densenet(workdir: Path, image_size: int) -> tuple[str, Any]
     import torch
 
     from bonexray.export.onnx import export_model
-    from bonexray.trainer.model import ARCHITECTURE, BoneXRayNet
+    from bonexray.trainer.network import ARCHITECTURE, BoneXRayNet
 
     torch.manual_seed(0)
     net = BoneXRayNet().eval()
@@ -142,9 +142,10 @@ def pipeline_runner(folder: Path, model_path: str, workdir: Path,
                     batch: int) -> Callable[[], None]:
     """`bonexray run`'s code path, files -> SQLite, one new job over `folder` per call."""
     from bonexray.db.session import open_database
-    from bonexray.jobs import prepare_job, resolve_model, run_embedded
+    from bonexray.jobs import prepare_job, run_embedded
+    from bonexray.modelstore import resolve_model
+    from bonexray.pipeline.chunks import get_classifier
     from bonexray.settings import get_settings
-    from bonexray.worker.process import get_classifier
 
     engine = open_database(f"sqlite:///{workdir / 'pipeline.db'}")
     model = resolve_model(engine=engine, ref=model_path)
@@ -221,7 +222,8 @@ def celery_runner(folder: Path, model_path: str, *, db_url: str, broker_url: str
     (views, studies) once its last study row is in Postgres."""
     from bonexray.db.query import job_progress
     from bonexray.db.session import open_database, session_scope
-    from bonexray.jobs import check_broker, prepare_job, resolve_model, send_job
+    from bonexray.jobs import check_broker, prepare_job, send_job
+    from bonexray.modelstore import resolve_model
     from bonexray.settings import load_settings
     from bonexray.studies import find_studies
 
@@ -274,8 +276,8 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
 
     from bonexray.export.cheap import write_cheap_model
     from bonexray.imaging import load_view
+    from bonexray.pipeline.inference import Classifier
     from bonexray.settings import get_settings
-    from bonexray.worker.inference import Classifier
 
     settings = get_settings()
     tmp = tempfile.TemporaryDirectory(prefix="bonexray-bench-", dir=config.workdir)

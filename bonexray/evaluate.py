@@ -15,10 +15,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from bonexray.db import query, store
-from bonexray.db.models import Job, Model, Study
+from bonexray.db.tables import Job, Model, Study
 from bonexray.errors import BonexrayError, InvalidValueError
 from bonexray.metrics import json_safe, metrics_with_ci
-from bonexray.results import QUEUED
+from bonexray.pipeline.records import QUEUED
 from bonexray.studies import SPLITS
 
 log = logging.getLogger(__name__)

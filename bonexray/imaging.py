@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from bonexray.errors import BonexrayError, InvalidValueError
+from bonexray.errors import BonexrayError, InvalidValueError, one_line
+from bonexray.settings import MAX_IMAGE_PIXELS
 
 # File name endings that make a file a view (compared case-insensitively).
 VIEW_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
@@ -22,7 +23,7 @@ DEFAULT_RESIZE = "letterbox"
 # warning filters are process-wide and not safe to toggle per thread.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
-DEFAULT_MAX_PIXELS = 89_478_485
+DEFAULT_MAX_PIXELS = MAX_IMAGE_PIXELS
 # Memory one decode may use, bytes (BONEXRAY_DECODE_BUDGET_BYTES).
 DEFAULT_DECODE_BUDGET = 1 << 30
 
@@ -145,11 +146,11 @@ def decode_gray(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # The warning arrives as an exception where the application turns warnings into
         # errors (python -W error, pytest filterwarnings): it is the same verdict.
-        raise ImageError(f"image too large: {_one_line(exc)}") from None
+        raise ImageError(f"image too large: {one_line(exc, limit=300)}") from None
     except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as exc:
         # Pillow reports truncated and corrupt data as OSError (and a few older decoders as
         # SyntaxError/ValueError). Never LOAD_TRUNCATED_IMAGES: a cut-off file fails its view.
-        raise ImageError(f"corrupt image: {_one_line(exc)}") from None
+        raise ImageError(f"corrupt image: {one_line(exc, limit=300)}") from None
 
 
 def _file_size(path: str | Path) -> int:
@@ -157,11 +158,6 @@ def _file_size(path: str | Path) -> int:
         return Path(path).stat().st_size
     except OSError:
         return -1
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
 
 
 def resize_gray(pixels: np.ndarray, size: int, rule: str = DEFAULT_RESIZE) -> np.ndarray:

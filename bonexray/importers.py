@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from PIL import Image, ImageFilter
 
 from bonexray.errors import BonexrayError
 from bonexray.imaging import ImageError, decode_gray
+from bonexray.studies import seeded_rank
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,6 @@ def _on_disk(src: Path) -> dict[str, tuple[Path, int]]:
             if entry.is_file() and not entry.name.startswith("."):
                 found[entry.name] = (entry, label)
     return found
-
-
-def _rank(seed: int, image_id: str) -> str:
-    return hashlib.sha256(f"{seed}:{image_id}".encode()).hexdigest()
 
 
 def _id_number(image_id: str) -> int | None:
@@ -251,7 +247,7 @@ def grouped_split(images: list[_Image], owner: list[int], *, seed: int,
     shares = {"train": 1.0 - sum(fractions.values()), **fractions}
     split: dict[str, str] = {}
     for groups in strata.values():
-        groups.sort(key=lambda g: _rank(seed, images[g].image_id))  # seeded, stable
+        groups.sort(key=lambda g: seeded_rank(seed, images[g].image_id))  # seeded, stable
         total = sum(len(members[g]) for g in groups)
         placed = dict.fromkeys(shares, 0)
         for g in groups:

@@ -13,22 +13,18 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from bonexray.db import query, store
-from bonexray.db.models import Job, Model
-from bonexray.db.models import Study as StudyRow
 from bonexray.db.session import session_scope
-from bonexray.errors import BonexrayError, InvalidValueError, JobNotFoundError, NotFoundError
-from bonexray.results import DONE
+from bonexray.db.tables import Job, Model
+from bonexray.db.tables import Study as StudyRow
+from bonexray.errors import BonexrayError, InvalidValueError, JobNotFoundError, one_line
+from bonexray.pipeline.records import DONE
 from bonexray.security import check_folder
-from bonexray.settings import Settings, get_settings
+from bonexray.settings import Settings, get_settings, mask_url
 from bonexray.studies import Study, StudyError, find_studies
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
-
-
-class ModelNotFoundError(NotFoundError):
-    """--model names neither a registered model nor an existing file."""
 
 
 class NothingToSend(Exception):
@@ -49,58 +45,6 @@ class PreparedJob:
     empty: int  # studies final at registration: no views, or names that cannot be stored
     study_ids: tuple[int, ...]  # the studies to classify
     skipped: int = 0  # studies left out: already scored with this model by an earlier job
-
-
-def read_model_metadata(path: str) -> dict[str, str]:
-    """metadata_props of an ONNX file, read through onnxruntime (the worker has no onnx)."""
-    import onnxruntime as ort
-
-    from bonexray.worker.inference import ModelLoadError
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    try:
-        session = ort.InferenceSession(path, sess_options=options,
-                                       providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's errors are untyped
-        first = " ".join(str(exc).split())[:300]
-        raise ModelLoadError(f"model {path} is not a loadable ONNX model: {first}") from None
-    return dict(session.get_modelmeta().custom_metadata_map)
-
-
-def resolve_model(*, engine: Engine, ref: str, name: str | None = None) -> Model:
-    """A registered model by name / sha256 / id, or a model file registered on first use."""
-    from bonexray.modelmeta import parse_metadata
-    from bonexray.modelstore import store_model_file
-    from bonexray.worker.inference import ModelLoadError, sha256_file
-
-    path = Path(ref).expanduser()
-    if path.is_file():
-        resolved = str(path.resolve())
-        sha = sha256_file(resolved)
-        try:
-            meta = read_model_metadata(resolved)
-            parse_metadata(meta, source=f"model {resolved}")
-        except ValueError as exc:
-            raise ModelLoadError(str(exc)) from None
-        store_dir = get_settings().model_store
-        if store_dir:
-            resolved = store_model_file(resolved, sha256=sha, store_dir=store_dir)
-        with session_scope(engine) as session:
-            model = store.register_model(session=session, path=resolved, sha256=sha,
-                                         meta=meta, name=name)
-            session.flush()
-            session.expunge(model)
-        return model
-    with session_scope(engine) as session:
-        found = query.get_model(session=session, ref=ref)
-        if found is None:
-            raise ModelNotFoundError(
-                f"--model {ref!r}: no such file and no registered model by that name or sha256"
-            )
-        session.expunge(found)
-    return found
 
 
 def done_with_model(*, session: Session, model_id: int, paths: Sequence[str]) -> set[str]:
@@ -202,7 +146,7 @@ def run_embedded(*, engine: Engine, job: PreparedJob, settings: Settings,
                  progress: Progress | None = None) -> None:
     """Classify the job in this process, chunk by chunk, with the worker's own code path
     (leases, careful decoding, riding out database errors)."""
-    from bonexray.worker.process import run_chunk, worker_name
+    from bonexray.pipeline.chunks import run_chunk, worker_name
 
     url = engine.url.render_as_string(hide_password=False)
     worker = worker_name()
@@ -229,18 +173,7 @@ def check_broker(settings: Settings) -> None:
             conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5)
     except Exception as exc:  # kombu wraps every transport error differently
         raise BrokerError(f"broker {mask_url(settings.broker_url)} unreachable: "
-                          f"{' '.join(str(exc).split())[:200]}") from None
-
-
-def mask_url(url: str) -> str:
-    """A URL with its password replaced, fit for logs and messages."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+                          f"{one_line(exc, limit=200)}") from None
 
 
 def send_chunks(*, app: Any, settings: Settings, database: str,

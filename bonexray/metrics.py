@@ -59,6 +59,16 @@ def _div(num: float, den: float) -> float:
     return float(num / den) if den else float("nan")
 
 
+def confusion_counts(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] | np.ndarray,
+                     threshold: float) -> np.ndarray:
+    """[[tn, fp], [fn, tp]]: rows the label (normal, abnormal), columns the prediction (a
+    score >= threshold is abnormal)."""
+    pred = np.asarray(scores) >= threshold
+    y = np.asarray(labels) == 1
+    return np.array([[np.sum(~y & ~pred), np.sum(~y & pred)],
+                     [np.sum(y & ~pred), np.sum(y & pred)]], dtype=np.int64)
+
+
 def binary_metrics(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] | np.ndarray,
                    threshold: float = 0.5) -> dict[str, float | int]:
     """n, positives, accuracy, F1, Cohen's kappa, AUROC, sensitivity, specificity.
@@ -66,12 +76,8 @@ def binary_metrics(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] | n
     A score >= threshold predicts abnormal (1). Undefined figures are NaN.
     """
     y, s = _arrays(labels, scores)
-    pred = (s >= threshold).astype(np.int64)
     n = int(y.size)
-    tp = int(((pred == 1) & (y == 1)).sum())
-    tn = int(((pred == 0) & (y == 0)).sum())
-    fp = int(((pred == 1) & (y == 0)).sum())
-    fn = int(((pred == 0) & (y == 1)).sum())
+    (tn, fp), (fn, tp) = confusion_counts(y, s, threshold).tolist()
     accuracy = _div(tp + tn, n)
     # Cohen's kappa: agreement beyond what the two marginals give by chance.
     if n:
@@ -91,6 +97,16 @@ def binary_metrics(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] | n
     }
 
 
+def aggregate(probs: Sequence[float] | np.ndarray, how: str) -> float:
+    """A study's score from its views' probabilities: MURA's mean, or max. The one rule the
+    trainer, the gates and the workers share."""
+    if how == "mean":
+        return float(np.mean(probs))
+    if how == "max":
+        return float(np.max(probs))
+    raise InvalidValueError(f"unknown aggregation {how!r}; choose one of {', '.join(AGGREGATIONS)}")
+
+
 def study_scores(view_study_ids: Sequence[Hashable], view_probs: Sequence[float] | np.ndarray,
                  how: str = "mean") -> dict[Hashable, float]:
     """Study score from its views' probabilities: mean (as in MURA) or max."""
@@ -103,8 +119,7 @@ def study_scores(view_study_ids: Sequence[Hashable], view_probs: Sequence[float]
     grouped: dict[Hashable, list[float]] = {}
     for sid, p in zip(view_study_ids, probs.tolist(), strict=True):
         grouped.setdefault(sid, []).append(p)
-    reduce = (lambda v: sum(v) / len(v)) if how == "mean" else max
-    return {sid: float(reduce(v)) for sid, v in grouped.items()}
+    return {sid: aggregate(v, how) for sid, v in grouped.items()}
 
 
 def metrics_by_group(labels: Sequence[Any] | np.ndarray, scores: Sequence[Any] | np.ndarray,

@@ -10,6 +10,10 @@ from pathlib import Path
 
 from bonexray.errors import BonexrayError
 
+# Largest image accepted, in pixels: Pillow's own decompression-bomb limit. A bigger image
+# fails its view (bonexray.imaging checks it from the header, before decoding).
+MAX_IMAGE_PIXELS = 89_478_485
+
 ENV_PREFIX = "BONEXRAY_"
 
 
@@ -90,7 +94,7 @@ class Settings:
     db_lock_timeout_ms: int = 10_000
     db_statement_timeout_ms: int = 120_000
     # Largest image accepted, in pixels (a decompression bomb fails its view).
-    max_image_pixels: int = 89_478_485
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     # Folders (separated by ":") that jobs may read; empty = no confinement. Paths outside
     # them, and symlinks leading out of them, are refused (bonexray.security).
     data_roots: str = ""
@@ -167,3 +171,21 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
 def get_settings() -> Settings:
     """The process's settings, read once."""
     return load_settings()
+
+
+def mask_url(url: object) -> str:
+    """A database or broker URL as text with its password replaced by ***, fit for logs and
+    messages (a SQLAlchemy URL object or a string)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    text = url.render_as_string(hide_password=True) if hasattr(url, "render_as_string") \
+        else str(url)
+    try:
+        parts = urlsplit(text)
+        password = parts.password
+    except ValueError:
+        return "<unparseable URL>"
+    if password is None:
+        return text
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 import re
@@ -158,3 +159,9 @@ def find_studies(root: str | Path) -> list[Study]:
             )
         )
     return studies
+
+
+def seeded_rank(seed: int, key: str) -> str:
+    """A sort key that orders items (patients, exam groups) the same way for a seed and
+    differently for another: the seeded splits of the importers and the trainer."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()

@@ -23,7 +23,7 @@ def test_benchmark_measures_every_figure_in_one_run(redis_url, tmp_path):
     out = tmp_path / "bench.json"
     work = tmp_path / "work"
     work.mkdir()
-    run = bonexray("bench", "--image-size", "32", "--batch", "4", "--images", "12",
+    run = bonexray("bench", "--image-size", "32", "--batch-size", "4", "--images", "12",
                    "--control-studies", "40", "--repeats", "2", "--pg-admin-url", PG_ADMIN_URL,
                    "--broker", redis_url, "--out", str(out), env={"TMPDIR": str(work)})
     result = json.loads(run.stdout.strip().splitlines()[-1])  # the last line is the JSON

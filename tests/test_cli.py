@@ -43,7 +43,7 @@ def test_bad_provider_settings_stop_run_before_a_job_is_registered(sqlite_url, t
                                                                     monkeypatch):
     from sqlalchemy import func, select
 
-    from bonexray.db.models import Job
+    from bonexray.db.tables import Job
     from bonexray.settings import get_settings
 
     (tmp_path / "s1").mkdir()

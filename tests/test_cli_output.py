@@ -26,7 +26,7 @@ VIEW_ERROR = "ImageError: truncated JPEG at byte 4096"
 @pytest.fixture(params=["sqlite", "postgres"])
 def url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     value = (request.getfixturevalue("sqlite_url") if request.param == "sqlite"
-             else request.getfixturevalue("pg_url"))
+             else request.getfixturevalue("fresh_pg_url"))
     monkeypatch.setenv("BONEXRAY_DATABASE_URL", value)
     monkeypatch.setenv("COLUMNS", "80")
     get_settings.cache_clear()
@@ -48,7 +48,7 @@ def a_job(tmp: str = "") -> int:
     with session_scope(engine) as session:
         from sqlalchemy import select
 
-        from bonexray.db.models import Study, View
+        from bonexray.db.tables import Study, View
 
         study = session.scalars(select(Study).where(Study.job_id == job, Study.status == "done")
                                 .order_by(Study.path)).first()

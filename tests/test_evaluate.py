@@ -23,8 +23,8 @@ from sqlalchemy.orm import Session
 
 from bonexray.cli import cli, progress_line
 from bonexray.db import query, store
-from bonexray.db.models import Evaluation
 from bonexray.db.session import open_database, session_scope
+from bonexray.db.tables import Evaluation
 from bonexray.evaluate import (
     NothingToEvaluateError,
     evaluate_job,
@@ -34,10 +34,10 @@ from bonexray.evaluate import (
 from bonexray.export.cheap import write_cheap_model
 from bonexray.metrics import CI_METRICS, json_safe, metrics_with_ci
 from bonexray.modelmeta import INPUT_NAME, OUTPUT_CAM, OUTPUT_PROB, build_metadata
-from bonexray.results import StudyResult, ViewResult
+from bonexray.modelstore import sha256_file
+from bonexray.pipeline.records import StudyResult, ViewResult
 from bonexray.settings import get_settings
 from bonexray.studies import Study as FoundStudy
-from bonexray.worker.inference import sha256_file
 
 ROOT = "/data/MURA-v1.1"
 # path under ROOT, body part, label, score (None: the study failed)
@@ -437,7 +437,7 @@ def test_heatmaps_need_a_cam_output(db_url: str, tmp_path: Path) -> None:
 def test_partial_studies_are_counted_and_can_be_left_out(session: Session) -> None:
     from sqlalchemy import update
 
-    from bonexray.db.models import Study
+    from bonexray.db.tables import Study
 
     job_id = make_job(session)
     outcomes = query.study_outcomes(session=session, job_id=job_id)

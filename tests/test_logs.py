@@ -14,14 +14,14 @@ from bonexray.logs import JsonFormatter, formatter, use_format
 
 
 def test_json_formatter_writes_one_object_with_the_extra_fields() -> None:
-    record = logging.LogRecord("bonexray.worker.process", logging.INFO, __file__, 1,
+    record = logging.LogRecord("bonexray.pipeline.chunks", logging.INFO, __file__, 1,
                                "job %d: chunk done", (7,), None)
     record.job, record.chunk, record.seconds, record.provider = 7, "c-1", 0.25, "CPU"
     line = JsonFormatter().format(record)
     assert "\n" not in line
     entry = json.loads(line)
     assert entry["message"] == "job 7: chunk done" and entry["level"] == "info"
-    assert entry["logger"] == "bonexray.worker.process" and entry["time"].endswith("Z")
+    assert entry["logger"] == "bonexray.pipeline.chunks" and entry["time"].endswith("Z")
     assert (entry["job"], entry["chunk"], entry["seconds"], entry["provider"]) == \
         (7, "c-1", 0.25, "CPU")
     assert "args" not in entry and "msg" not in entry  # the record's own attributes stay out

@@ -11,10 +11,16 @@ from PIL import Image
 
 from bonexray.db.session import open_database
 from bonexray.export.cheap import write_cheap_model
-from bonexray.jobs import prepare_job, resolve_model, run_embedded
-from bonexray.modelstore import local_model_path, store_model_file, stored_path
+from bonexray.jobs import prepare_job, run_embedded
+from bonexray.modelstore import (
+    local_model_path,
+    resolve_model,
+    sha256_file,
+    store_model_file,
+    stored_path,
+)
+from bonexray.pipeline.inference import ModelLoadError
 from bonexray.settings import get_settings
-from bonexray.worker.inference import ModelLoadError, sha256_file
 
 
 def test_store_copies_once_by_sha256(tmp_path):
@@ -52,7 +58,7 @@ def test_run_with_a_model_store_and_a_tampered_copy(tmp_path, monkeypatch, sqlit
         os.chmod(model.path, 0o644)
         with open(model.path, "ab") as fh:
             fh.write(b"\0")
-        from bonexray.worker import process
+        from bonexray.pipeline import chunks as process
 
         process._classifiers.clear()
         job2 = prepare_job(engine=engine, root=str(tmp_path / "data"), model=model,

@@ -69,7 +69,7 @@ def _model_row(model: Any) -> dict[str, Any]:
 @user_errors
 def models_add(file: str, name: str | None, database_url: str | None, fmt: str) -> None:
     """Register a bonexray model file (its metadata is checked) by name and sha256."""
-    from bonexray.jobs import resolve_model
+    from bonexray.modelstore import resolve_model
 
     apply_overrides(database_url=database_url)
     model = resolve_model(engine=base.engine(), ref=file, name=name)
@@ -134,9 +134,10 @@ def db() -> None:
 @user_errors
 def db_upgrade(database_url: str | None) -> None:
     """Bring the schema to the newest migration (also done by every command on its own)."""
-    from bonexray.db.session import masked_url, open_database
+    from bonexray.db.session import open_database
+    from bonexray.settings import mask_url
 
     apply_overrides(database_url=database_url)
     url = get_settings().database_url
     engine = open_database(url)
-    click.echo(f"schema at head on {masked_url(engine.url)}")
+    click.echo(f"schema at head on {mask_url(engine.url)}")

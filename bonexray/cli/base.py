@@ -124,7 +124,7 @@ def engine(*, read_only: bool = False, model_ref: str | None = None) -> Any:
         raise UserError(f"no database at {missing}: nothing has run there yet (check --db or "
                         "BONEXRAY_DATABASE_URL)")
     if missing is not None and model_ref is not None and not Path(model_ref).is_file():
-        from bonexray.jobs import ModelNotFoundError
+        from bonexray.modelstore import ModelNotFoundError
 
         raise ModelNotFoundError(f"--model {model_ref!r}: no such file (and {missing} does "
                                  "not exist yet, so no model is registered there)")

@@ -119,11 +119,11 @@ def _print_results(job_id: int, root: str, rows: list[dict[str, Any]], total: in
 
 
 def _write_heatmaps(db: Any, job_id: int, rows: list[dict[str, Any]], out: str) -> None:
-    from bonexray.db.models import Model
     from bonexray.db.query import get_job
     from bonexray.db.session import session_scope
+    from bonexray.db.tables import Model
     from bonexray.errors import JobNotFoundError
-    from bonexray.plots import write_heatmaps
+    from bonexray.pipeline.heatmaps import write_heatmaps
 
     with session_scope(db) as session:
         job_row = get_job(session=session, job_id=job_id)

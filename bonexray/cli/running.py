@@ -56,8 +56,9 @@ def _with_progress(total: int, label: str, work: Callable[[Callable[[int], None]
 def run(folder: str, model_ref: str, database_url: str | None, fmt: str,
         chunk_size: int | None, batch_size: int | None) -> None:
     """Classify every study under FOLDER in this process (no broker): the embedded default."""
-    from bonexray.jobs import prepare_job, resolve_model, run_embedded
-    from bonexray.worker.inference import check_provider_settings
+    from bonexray.jobs import prepare_job, run_embedded
+    from bonexray.modelstore import resolve_model
+    from bonexray.pipeline.inference import check_provider_settings
 
     apply_overrides(database_url=database_url, chunk_size=chunk_size, batch_size=batch_size)
     settings = get_settings()
@@ -89,7 +90,8 @@ def run(folder: str, model_ref: str, database_url: str | None, fmt: str,
 def enqueue(folder: str, model_ref: str, database_url: str | None, broker_url: str | None,
             fmt: str, chunk_size: int | None, force: bool) -> None:
     """Register a job for every study under FOLDER and send its chunks to the workers."""
-    from bonexray.jobs import NothingToSend, check_broker, prepare_job, resolve_model, send_job
+    from bonexray.jobs import NothingToSend, check_broker, prepare_job, send_job
+    from bonexray.modelstore import resolve_model
 
     apply_overrides(database_url=database_url, broker_url=broker_url, chunk_size=chunk_size)
     settings = get_settings()
@@ -182,7 +184,7 @@ def worker(database_url: str | None, broker_url: str | None, concurrency: int, p
            queue: str | None, hostname: str | None, loglevel: str | None, gpus: str | None,
            celery_args: tuple[str, ...]) -> None:
     """Start a Celery worker that classifies chunks (extra args go to `celery worker`)."""
-    from bonexray.worker.inference import parse_gpus
+    from bonexray.pipeline.inference import parse_gpus
 
     apply_overrides(gpus=gpus)
     gpu_ids = parse_gpus(get_settings().gpus)
@@ -194,7 +196,7 @@ def worker(database_url: str | None, broker_url: str | None, concurrency: int, p
                      worker_processes=processes)
     settings = get_settings()
     from bonexray.db.session import open_database
-    from bonexray.worker.inference import check_required_gpu
+    from bonexray.pipeline.inference import check_required_gpu
 
     check_required_gpu(settings)  # a GPU node without a working GPU takes no chunks
     open_database(settings.database_url)  # fail fast, and migrate once before forking

@@ -25,8 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from bonexray.db.models import DatabaseIdentity, Job, Study, View, utcnow
-from bonexray.results import FAILED, QUEUED, StudyTask
+from bonexray.db.tables import DatabaseIdentity, Job, Study, View, utcnow
+from bonexray.pipeline.records import FAILED, QUEUED, StudyTask
 
 log = logging.getLogger(__name__)
 

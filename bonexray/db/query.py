@@ -10,9 +10,9 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
 
 from bonexray.db.ledger import any_live_lease
-from bonexray.db.models import Evaluation, Job, Model, Study, View, utcnow
+from bonexray.db.tables import Evaluation, Job, Model, Study, View, utcnow
 from bonexray.errors import InvalidValueError, JobNotFoundError
-from bonexray.results import DONE, EMPTY, FAILED, QUEUED, STATUSES
+from bonexray.pipeline.records import DONE, EMPTY, FAILED, QUEUED, STATUSES
 
 PREDICTIONS = ("normal", "abnormal")
 ORDERS = ("path", "score", "-score")

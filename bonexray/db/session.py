@@ -25,7 +25,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
 from bonexray.errors import BonexrayError
-from bonexray.settings import get_settings, resolve_database_url
+from bonexray.settings import get_settings, mask_url, resolve_database_url
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,6 @@ _alembic_lock = threading.Lock()
 
 class DatabaseError(BonexrayError, RuntimeError):
     """The database cannot be reached, or its schema cannot be brought to this version."""
-
-
-def masked_url(url: URL | str) -> str:
-    """The URL as text with its password hidden, fit for messages and logs."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except sa_exc.ArgumentError:
-        return "<unparseable database URL>"
 
 
 def _normalise_url(raw: str) -> URL:
@@ -108,7 +100,7 @@ def _create_engine(url: URL) -> Engine:
         return create_engine(url, pool_pre_ping=True, connect_args=connect_args,
                              hide_parameters=True)
     except (sa_exc.NoSuchModuleError, ImportError) as exc:
-        raise DatabaseError(f"no driver for {masked_url(url)}: {exc}") from None
+        raise DatabaseError(f"no driver for {mask_url(url)}: {exc}") from None
 
 
 def postgres_connect_args(url: URL) -> dict[str, Any]:
@@ -231,10 +223,10 @@ def upgrade_schema(engine: Engine) -> None:
             return
         if current is not None and not _knows_revision(current):
             raise DatabaseError(
-                f"the database at {masked_url(engine.url)} is at schema revision {current!r}, "
+                f"the database at {mask_url(engine.url)} is at schema revision {current!r}, "
                 f"unknown to this bonexray (head {head!r}): was it migrated by a newer one?"
             )
-        log.info("migrating %s from %s to %s", masked_url(engine.url), current or "nothing",
+        log.info("migrating %s from %s to %s", mask_url(engine.url), current or "nothing",
                  head)
         cfg = alembic_config()
         cfg.attributes["connection"] = conn
@@ -263,7 +255,7 @@ def open_database(url: str | None = None) -> Engine:
     except sa_exc.DBAPIError as exc:
         reason = _one_line(exc.orig if exc.orig is not None else exc, engine.url)
         raise DatabaseError(
-            f"cannot use the database at {masked_url(engine.url)}: {reason}"
+            f"cannot use the database at {mask_url(engine.url)}: {reason}"
         ) from exc
     _ready.add(engine)
     return engine

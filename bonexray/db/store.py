@@ -11,10 +11,10 @@ from sqlalchemy import Table, bindparam, exists, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from bonexray.db.models import BatchStat as BatchStatRow
-from bonexray.db.models import Evaluation, Job, Model, Study, View, utcnow
+from bonexray.db.tables import BatchStat as BatchStatRow
+from bonexray.db.tables import Evaluation, Job, Model, Study, View, utcnow
 from bonexray.errors import BonexrayError
-from bonexray.results import EMPTY, FAILED, QUEUED, BatchStat, StudyResult
+from bonexray.pipeline.records import EMPTY, FAILED, QUEUED, BatchStat, StudyResult
 from bonexray.studies import Study as FoundStudy
 
 log = logging.getLogger(__name__)

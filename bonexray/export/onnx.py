@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bonexray.errors import BonexrayError, InvalidValueError
+from bonexray.errors import BonexrayError, InvalidValueError, one_line
 from bonexray.export.quantize import (
     JudgingSet,
     PrecisionError,
@@ -43,7 +43,7 @@ from bonexray.modelmeta import (
     PRECISIONS,
     build_metadata,
 )
-from bonexray.trainer.model import ARCHITECTURE, IMAGENET_MEAN, IMAGENET_STD, BoneXRayNet
+from bonexray.trainer.network import ARCHITECTURE, IMAGENET_MEAN, IMAGENET_STD, BoneXRayNet
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def load_checkpoint_model(checkpoint: str | Path) -> tuple[BoneXRayNet, dict[str
         model.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError) as exc:
         raise InvalidValueError(f"{checkpoint}: head {head} does not rebuild the trained network: "
-                                f"{' '.join(str(exc).split())[:300]}") from None
+                                f"{one_line(exc, limit=300)}") from None
     return model.eval(), ckpt
 
 

@@ -524,7 +524,7 @@ def make_precision(fp32_path: str | Path, dst: str | Path,
                    data: PrecisionData) -> PrecisionResult:
     """Write the fp16 or int8 copy of the fp32 model at `dst` and judge it on the
     validation studies (PrecisionError when it fails the bound)."""
-    from bonexray.worker.inference import CPU, requested_providers
+    from bonexray.pipeline.inference import CPU, requested_providers
 
     precision, judged = data.precision, data.judged
     extra: dict[str, Any] = {"precision": precision}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -29,9 +28,9 @@ from bonexray.metrics import (
     metrics_by_group,
     study_scores,
 )
-from bonexray.studies import Study, find_studies
+from bonexray.studies import Study, find_studies, seeded_rank
 from bonexray.trainer.data import TrainAugment, ViewDataset, collate_views
-from bonexray.trainer.model import ARCHITECTURE, INITS, BoneXRayNet, parse_freeze
+from bonexray.trainer.network import ARCHITECTURE, INITS, BoneXRayNet, parse_freeze
 from bonexray.trainer.recipes import DEFAULT, RECIPES
 
 log = logging.getLogger(__name__)
@@ -296,10 +295,8 @@ def split_studies(studies: Sequence[Study], seed: int,
     method = "layout"
     if not valid:
         # No valid split on disk: hold out whole patients, so no patient is on both sides.
-        def rank(p: str) -> str:
-            return hashlib.sha256(f"{seed}:{p}".encode()).hexdigest()
-
-        patients = sorted({_patient_key(s) for s in train}, key=rank)
+        patients = sorted({_patient_key(s) for s in train},
+                          key=lambda p: seeded_rank(seed, p))
         n_valid = max(1, round(VALID_FRACTION * len(patients))) if len(patients) > 1 else 0
         held = set(patients[:n_valid])
         log.info("no valid split under the data; holding out %d of %d patients", n_valid,

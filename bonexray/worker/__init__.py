@@ -1,1 +1,3 @@
-"""Celery worker side: ORT inference, the pipeline, tasks. Never imports torch."""
+"""The Celery side: app.py (the Celery app and its signals), tasks.py (the chunk task),
+reaper.py (sends again what no live worker holds). The work itself is bonexray.pipeline.
+Never imports torch."""

@@ -80,7 +80,7 @@ app = create_app()
 
 def pin_process_gpu(process_index: int) -> int | None:
     """Pin this pool process to its GPU (one process per GPU of BONEXRAY_GPUS)."""
-    from bonexray.worker.inference import device_for_process, parse_gpus
+    from bonexray.pipeline.inference import device_for_process, parse_gpus
 
     gpus = parse_gpus(get_settings().gpus)
     if not gpus:

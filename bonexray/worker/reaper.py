@@ -17,8 +17,9 @@ from celery import Celery
 from sqlalchemy import Engine
 
 from bonexray.db import ledger
-from bonexray.db.models import Job, utcnow
 from bonexray.db.session import session_scope
+from bonexray.db.tables import Job, utcnow
+from bonexray.errors import one_line
 from bonexray.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class Reaper:
                                          after_id=self.after_id)
                 self.after_id = done.next_after
             except Exception as exc:  # the database or broker away: the next pass retries
-                log.warning("reaper pass failed: %s", " ".join(str(exc).split())[:200])
+                log.warning("reaper pass failed: %s", one_line(exc, limit=200))
 
 
 _reaper: Reaper | None = None

@@ -13,16 +13,16 @@ from celery.exceptions import Reject
 from bonexray.db.ledger import ForeignMessageError
 from bonexray.db.session import open_database
 from bonexray.jobs import ChunkMessage
-from bonexray.settings import get_settings
-from bonexray.worker.app import TASK_CLASSIFY, app
-from bonexray.worker.inference import ModelMismatchError
-from bonexray.worker.process import (
+from bonexray.pipeline.chunks import (
     UnknownJobError,
     WorkerSickError,
     release_claimed,
     run_chunk,
     worker_name,
 )
+from bonexray.pipeline.inference import ModelMismatchError
+from bonexray.settings import get_settings
+from bonexray.worker.app import TASK_CLASSIFY, app
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from bonexray.db import store
-from bonexray.db.models import Model
+from bonexray.db.tables import Model
 from bonexray.studies import Study as FoundStudy
 
 

@@ -12,9 +12,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from bonexray.db import ledger, query, store
-from bonexray.db.models import BatchStat as BatchStatRow
-from bonexray.db.models import Job, Model, Study, View, utcnow
-from bonexray.results import BatchStat
+from bonexray.db.tables import BatchStat as BatchStatRow
+from bonexray.db.tables import Job, Model, Study, View, utcnow
+from bonexray.pipeline.records import BatchStat
 from bonexray.studies import Study as FoundStudy
 from tests.db.conftest import make_studies
 

@@ -6,8 +6,8 @@ import pytest
 from sqlalchemy.orm import Session
 
 from bonexray.db import query, store
-from bonexray.db.models import Job, Model
-from bonexray.results import StudyResult, ViewResult
+from bonexray.db.tables import Job, Model
+from bonexray.pipeline.records import StudyResult, ViewResult
 from bonexray.studies import Study as FoundStudy
 
 PROGRESS_KEYS = {"job", "studies", "queued", "done", "failed", "empty", "views",

@@ -10,8 +10,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from bonexray.db import query, store
-from bonexray.db.models import Evaluation, Job, Model, Study
-from bonexray.results import StudyResult, ViewResult
+from bonexray.db.tables import Evaluation, Job, Model, Study
+from bonexray.pipeline.records import StudyResult, ViewResult
 from bonexray.studies import Study as FoundStudy
 
 # path, body part, label, score (None: failed)

@@ -13,7 +13,6 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, inspect, text
 
 from bonexray.db import session as db_session
-from bonexray.db.models import Base
 from bonexray.db.session import (
     DatabaseError,
     current_revision,
@@ -23,6 +22,7 @@ from bonexray.db.session import (
     session_scope,
     upgrade_schema,
 )
+from bonexray.db.tables import Base
 
 TABLES = {"models", "jobs", "studies", "views", "batch_stats", "evaluations",
           "database_identity", "alembic_version"}

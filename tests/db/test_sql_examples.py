@@ -11,8 +11,8 @@ from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
 from bonexray.db import store
-from bonexray.db.models import Job, Model, Study
-from bonexray.results import BatchStat, StudyResult, ViewResult
+from bonexray.db.tables import Job, Model, Study
+from bonexray.pipeline.records import BatchStat, StudyResult, ViewResult
 from bonexray.studies import Study as FoundStudy
 
 QUERIES_FILE = Path(__file__).resolve().parents[2] / "docs" / "queries.sql"

@@ -9,9 +9,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from bonexray.db import store
-from bonexray.db.models import BatchStat as BatchStatRow
-from bonexray.db.models import Job, Model, Study, View
-from bonexray.results import BatchStat, StudyResult, ViewResult
+from bonexray.db.tables import BatchStat as BatchStatRow
+from bonexray.db.tables import Job, Model, Study, View
+from bonexray.pipeline.records import BatchStat, StudyResult, ViewResult
 from tests.db.conftest import make_studies
 
 SHA_A = "a" * 64

@@ -14,7 +14,7 @@ from bonexray.export import onnx as export_onnx
 from bonexray.export.cheap import write_cheap_model
 from bonexray.export.onnx import ParityError, export_model
 from bonexray.modelmeta import INPUT_NAME, OUTPUT_LOGIT, OUTPUT_PROB, parse_metadata
-from bonexray.trainer.model import BoneXRayNet
+from bonexray.trainer.network import BoneXRayNet
 from bonexray.trainer.train import TrainConfig, train
 from tests.trainer.test_train import make_mura
 

@@ -24,9 +24,9 @@ from bonexray.export.quantize import (
 )
 from bonexray.metrics import auroc
 from bonexray.modelmeta import INPUT_NAME, OUTPUT_CAM, OUTPUT_LOGIT, OUTPUT_PROB, parse_metadata
+from bonexray.pipeline.inference import Classifier
 from bonexray.settings import Settings
-from bonexray.trainer.model import BoneXRayNet
-from bonexray.worker.inference import Classifier
+from bonexray.trainer.network import BoneXRayNet
 from tests.export.conftest import QUADRANTS, SIZE, draw_sign_view
 
 

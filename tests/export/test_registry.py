@@ -15,7 +15,7 @@ from PIL import Image
 
 from bonexray.cli import cli
 from bonexray.export.cheap import write_cheap_model
-from bonexray.worker.inference import sha256_file
+from bonexray.modelstore import sha256_file
 
 
 def invoke(*args: str) -> tuple[int, str, str]:

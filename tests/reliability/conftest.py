@@ -22,9 +22,9 @@ import redis
 from PIL import Image
 from sqlalchemy import func, select
 
-from bonexray.db.models import Study, View
 from bonexray.db.query import job_progress
 from bonexray.db.session import open_database, session_scope
+from bonexray.db.tables import Study, View
 from bonexray.export.cheap import write_cheap_model
 from tests.cli_helpers import BONEXRAY, bonexray  # noqa: F401 (re-exported to the tests)
 

@@ -82,7 +82,7 @@ def test_a_worker_without_the_model_stops_and_leaves_the_work(tmp_path, cheap_mo
     shutil.copy(cheap_model, model)
     root = make_tree(tmp_path / "data", studies=6)
     job = enqueue(root, model, env)["job"]
-    from bonexray.worker.inference import sha256_file
+    from bonexray.modelstore import sha256_file
 
     store = tmp_path / "store"
     store.mkdir()

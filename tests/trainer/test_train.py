@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from bonexray.metrics import choose_threshold
 from bonexray.studies import find_studies
 from bonexray.trainer.data import FAILED, TrainAugment, ViewDataset, collate_views
-from bonexray.trainer.model import (
+from bonexray.trainer.network import (
     BoneXRayNet,
     Preprocess,
     WeightsError,

@@ -9,8 +9,10 @@ import sys
 def test_worker_side_does_not_import_torch():
     code = (
         "import sys\n"
-        "import bonexray.worker.app, bonexray.worker.tasks, bonexray.worker.pipeline\n"
-        "import bonexray.worker.inference, bonexray.worker.process, bonexray.jobs\n"
+        "import bonexray.worker.app, bonexray.worker.tasks, bonexray.worker.reaper\n"
+        "import bonexray.pipeline.batching, bonexray.pipeline.inference\n"
+        "import bonexray.pipeline.chunks, bonexray.pipeline.heatmaps, bonexray.jobs\n"
+        "import bonexray.modelstore, bonexray.metrics, bonexray.evaluate\n"
         "import bonexray.cli, bonexray.db.store, bonexray.db.query, bonexray.studies\n"
         "heavy = sorted(m for m in ('torch', 'torchvision', 'onnx') if m in sys.modules)\n"
         "assert not heavy, heavy\n"

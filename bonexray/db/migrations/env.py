@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine, pool
 
-from bonexray.db.models import Base
+from bonexray.db.tables import Base
 from bonexray.settings import get_settings, resolve_database_url
 
 config = context.config

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bonexray.results import DONE, EMPTY, FAILED, StudyTask
-from bonexray.worker.pipeline import PipelineOptions, aggregate, classify_studies
+from bonexray.metrics import aggregate
+from bonexray.pipeline.batching import PipelineOptions, classify_studies
+from bonexray.pipeline.records import DONE, EMPTY, FAILED, StudyTask
 
 SIZE = 32
 
@@ -71,7 +72,7 @@ def test_study_score_is_mean_of_views_and_threshold_decides(tmp_path):
                                     resize="stretch", threshold=0.99, aggregation="max")
     assert by_max.score == pytest.approx(1.0) and by_max.prediction == "abnormal"
     assert aggregate([0.2, 0.4], "mean") == pytest.approx(0.3)
-    with pytest.raises(ValueError, match="mean or max"):
+    with pytest.raises(ValueError, match="choose one of mean, max"):
         aggregate([0.2], "median")
 
 
@@ -105,7 +106,7 @@ def test_bad_view_fails_alone_and_study_goes_on(tmp_path):
 
 def test_decoding_runs_ahead_of_inference(tasks, monkeypatch):
     """Instrumented, not timed: while the model runs batch k, views of batch k+1 decode."""
-    import bonexray.worker.pipeline as pipeline
+    import bonexray.pipeline.batching as pipeline
 
     in_predict = threading.Event()
     decoded_during_predict = []

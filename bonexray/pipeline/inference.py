@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import os
 import threading
@@ -15,8 +14,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bonexray.errors import BonexrayError
+from bonexray.errors import BonexrayError, one_line
 from bonexray.modelmeta import INPUT_NAME, OUTPUT_PROB, ModelInfo, parse_metadata
+from bonexray.modelstore import sha256_bytes
 from bonexray.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,19 +36,6 @@ class ModelMismatchError(ModelLoadError):
 
 class ProviderError(BonexrayError, RuntimeError):
     """The execution provider the settings demand is not active."""
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def available_cores() -> int:
@@ -259,8 +246,8 @@ class Classifier:
             self.session = ort.InferenceSession(data, sess_options=options,
                                                 providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            first = " ".join(str(exc).split())[:300]
-            raise ModelLoadError(f"model {path} is not a loadable ONNX model: {first}") from None
+            raise ModelLoadError(f"model {path} is not a loadable ONNX model: "
+                                 f"{one_line(exc, limit=300)}") from None
         self.providers = self.session.get_providers()
         self.provider = self.providers[0]
         if CUDA in wanted and self.provider != CUDA and settings.cuda_options.strip():

@@ -9,9 +9,9 @@ import onnx
 import pytest
 
 from bonexray.export.cheap import write_cheap_model
-from bonexray.settings import Settings, SettingsError
-from bonexray.worker import inference
-from bonexray.worker.inference import (
+from bonexray.modelstore import sha256_file
+from bonexray.pipeline import inference
+from bonexray.pipeline.inference import (
     CPU,
     CUDA,
     Classifier,
@@ -21,9 +21,9 @@ from bonexray.worker.inference import (
     intra_op_threads,
     requested_providers,
     session_providers,
-    sha256_file,
     use_io_binding,
 )
+from bonexray.settings import Settings, SettingsError
 
 
 @pytest.fixture
@@ -138,6 +138,6 @@ def test_precision_that_does_not_suit_the_provider_is_logged(cheap, tmp_path, ca
         model.metadata_props.add(key="precision", value="fp16")
     fp16 = tmp_path / "fp16.onnx"
     onnx.save(model, str(fp16))
-    with caplog.at_level("WARNING", logger="bonexray.worker.inference"):
+    with caplog.at_level("WARNING", logger="bonexray.pipeline.inference"):
         Classifier(fp16, settings=Settings())
     assert "fp16 but runs on CPUExecutionProvider" in caplog.text

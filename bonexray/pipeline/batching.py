@@ -11,10 +11,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bonexray.errors import InvalidValueError
 from bonexray.imaging import DEFAULT_DECODE_BUDGET, ImageError, load_view
-from bonexray.results import DONE, EMPTY, FAILED, BatchStat, StudyResult, StudyTask, ViewResult
+from bonexray.metrics import aggregate
+from bonexray.pipeline.records import (
+    DONE,
+    EMPTY,
+    FAILED,
+    BatchStat,
+    StudyResult,
+    StudyTask,
+    ViewResult,
+)
 from bonexray.security import check_view
+from bonexray.settings import MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +33,12 @@ class PipelineOptions:
     batch_size: int = 16
     decode_threads: int = 2
     prefetch_views: int = 64
-    max_image_pixels: int = 89_478_485
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     aggregation: str | None = None  # None: the model's own (metadata), else "mean" / "max"
     # Real paths of BONEXRAY_DATA_ROOTS; a view outside them (or linking out) fails unread.
     data_roots: tuple[str, ...] = ()
     # Memory one decode may use (estimated from the header); more fails the view.
     decode_budget_bytes: int = DEFAULT_DECODE_BUDGET
-
-
-def aggregate(probs: Sequence[float], how: str) -> float:
-    """Study score from its view probabilities: MURA's mean, or max."""
-    if how == "mean":
-        return float(np.mean(probs))
-    if how == "max":
-        return float(np.max(probs))
-    raise InvalidValueError(f"unknown aggregation {how!r}; choose mean or max")
 
 
 def study_result(task: StudyTask, views: tuple[ViewResult, ...], *, threshold: float,

@@ -15,14 +15,15 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
-from bonexray.db.models import BatchStat as BatchStatRow
-from bonexray.db.models import Study
 from bonexray.db.session import open_database, session_scope
+from bonexray.db.tables import BatchStat as BatchStatRow
+from bonexray.db.tables import Study
 from bonexray.export.cheap import write_cheap_model
-from bonexray.jobs import prepare_job, resolve_model
-from bonexray.results import QUEUED
+from bonexray.jobs import prepare_job
+from bonexray.modelstore import resolve_model
+from bonexray.pipeline import chunks as process
+from bonexray.pipeline.records import QUEUED
 from bonexray.settings import Settings
-from bonexray.worker import process
 
 
 def make_studies(root: Path, studies: int, views: int = 1) -> Path:
@@ -228,7 +229,7 @@ def test_a_study_whose_worker_was_lost_is_decoded_one_view_at_a_time(job, pg_eng
     from datetime import timedelta
 
     from bonexray.db import ledger
-    from bonexray.db.models import utcnow
+    from bonexray.db.tables import utcnow
 
     first, *rest = job.study_ids
     with session_scope(pg_engine) as session:  # an earlier holder died, long ago

@@ -18,14 +18,15 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from bonexray.db import ledger, store
-from bonexray.db.models import Job, Model
 from bonexray.db.session import open_database, session_scope
+from bonexray.db.tables import Job, Model
+from bonexray.errors import one_line
 from bonexray.modelstore import local_model_path
-from bonexray.results import DONE, FAILED, BatchStat, StudyResult, StudyTask
+from bonexray.pipeline.batching import PipelineOptions, classify_studies
+from bonexray.pipeline.inference import Classifier, ModelMismatchError
+from bonexray.pipeline.records import DONE, FAILED, BatchStat, StudyResult, StudyTask
 from bonexray.security import parse_data_roots
 from bonexray.settings import Settings
-from bonexray.worker.inference import Classifier, ModelMismatchError
-from bonexray.worker.pipeline import PipelineOptions, classify_studies
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +174,6 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
-
-
 class Heartbeat:
     """Renews the chunk's leases every third of the lease while the chunk runs."""
 
@@ -193,7 +190,7 @@ class Heartbeat:
                 with session_scope(self.engine) as session:
                     ledger.heartbeat(session=session, study_ids=self.ids, worker=self.worker)
             except Exception as exc:  # the chunk itself meets the same error and retries
-                log.debug("heartbeat failed: %s", one_line(exc))
+                log.debug("heartbeat failed: %s", one_line(exc, limit=200))
 
     def __enter__(self) -> Heartbeat:
         self.thread.start()
@@ -270,7 +267,7 @@ def process_chunk(*, engine: Engine, job_id: int, study_ids: Sequence[int], sett
         raise
     except Exception as exc:
         raise WorkerSickError(f"cannot load model {model.name} (sha256 {model.sha256[:12]}…) "
-                              f"on this worker: {one_line(exc)}") from exc
+                              f"on this worker: {one_line(exc, limit=200)}") from exc
     with session_scope(engine) as session:
         claim = ledger.claim_studies(
             session=session, job_id=job_id, study_ids=study_ids, worker=worker,
@@ -307,7 +304,7 @@ def process_chunk(*, engine: Engine, job_id: int, study_ids: Sequence[int], sett
         # queued study counts as finished anyway (query.job_progress), and a later chunk
         # stamps its finish time.
         log.warning("job %d: results saved, but not the batch timings and finish check: "
-                    "%s", job_id, one_line(exc))
+                    "%s", job_id, one_line(exc, limit=200))
     views = sum(len(r.views) for r in results)
     views_failed = sum(1 for r in results for v in r.views if v.error is not None)
     summary = ChunkSummary(
@@ -339,7 +336,7 @@ def _predictor(classifier: Classifier) -> Any:
             return classifier.predict(pixels)
         except Exception as exc:
             raise InferenceError(f"inference failed on {classifier.provider}: "
-                                 f"{one_line(exc)}") from exc
+                                 f"{one_line(exc, limit=200)}") from exc
     return predict
 
 
@@ -404,7 +401,7 @@ def fail_claimed(*, engine: Engine, job_id: int, study_ids: Sequence[int], worke
     """Fail what this worker still holds of a chunk (a bug, not a fault that heals)."""
     from sqlalchemy import select
 
-    from bonexray.db.models import Study
+    from bonexray.db.tables import Study
 
     try:
         with session_scope(engine) as session:
@@ -416,7 +413,7 @@ def fail_claimed(*, engine: Engine, job_id: int, study_ids: Sequence[int], worke
             store.finish_job_if_done(session=session, job_id=job_id)
     except Exception as exc:
         log.error("job %d: could not record the failed chunk (%s); its leases run out and "
-                  "the reaper sends it again", job_id, one_line(exc))
+                  "the reaper sends it again", job_id, one_line(exc, limit=200))
 
 
 def release_claimed(*, engine: Engine, study_ids: Sequence[int], worker: str) -> None:
@@ -426,7 +423,7 @@ def release_claimed(*, engine: Engine, study_ids: Sequence[int], worker: str) ->
             ledger.release(session=session, study_ids=study_ids, worker=worker)
     except Exception as exc:
         log.warning("could not release the chunk's leases (%s); they run out in time",
-                    one_line(exc))
+                    one_line(exc, limit=200))
 
 
 def backoff_delays(base: float = 0.5, cap: float = 30.0) -> Iterator[float]:
@@ -472,12 +469,13 @@ def run_chunk(*, database_url: str, job_id: int, study_ids: Sequence[int], setti
             if not is_transient(exc):
                 fail_claimed(engine=open_database(database_url), job_id=job_id,
                              study_ids=study_ids, worker=worker,
-                             error=f"worker error: {type(exc).__name__}: {one_line(exc)}")
+                             error=f"worker error: {one_line(exc, typed=True, limit=200)}")
                 raise
             now = time.monotonic()
             outage_since = outage_since if outage_since is not None else now
             delay = next(delays)
             log.warning("job %d: database unavailable (%s: %s); keeping the chunk, retry in "
-                        "%.1f s (%.0f s so far)", job_id, type(exc).__name__, one_line(exc)[:80],
+                        "%.1f s (%.0f s so far)", job_id, type(exc).__name__,
+                        one_line(exc, limit=80),
                         delay, now - outage_since)
             sleep(delay)

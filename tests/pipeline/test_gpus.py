@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from bonexray.settings import get_settings
-from bonexray.worker import inference
-from bonexray.worker.app import pin_process_gpu
-from bonexray.worker.inference import (
+from bonexray.pipeline import inference
+from bonexray.pipeline.inference import (
     CUDA,
     ProviderError,
     device_for_process,
     parse_gpus,
     session_providers,
 )
+from bonexray.settings import get_settings
+from bonexray.worker.app import pin_process_gpu
 
 
 def test_parse_gpus(monkeypatch):
