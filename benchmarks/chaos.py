@@ -37,8 +37,8 @@ from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from bonexray.bench import private_database  # noqa: E402
-from bonexray.db.models import BatchStat, Job, Study, View  # noqa: E402
 from bonexray.db.session import open_database, session_scope  # noqa: E402
+from bonexray.db.tables import BatchStat, Job, Study, View  # noqa: E402
 from bonexray.export.cheap import write_cheap_model  # noqa: E402
 from tests.reliability.conftest import (  # noqa: E402
     Gate,
@@ -208,7 +208,7 @@ def poison_view(run: Run) -> dict[str, Any]:
 
 
 def worker_without_model(run: Run) -> dict[str, Any]:
-    from bonexray.worker.inference import sha256_file
+    from bonexray.modelstore import sha256_file
 
     job = run.enqueue()
     store = run.dir / "store"

@@ -36,7 +36,7 @@ def measure_model(device: str, dtype_name: str, size: int, batch: int, repeats: 
     """Images per second of BoneXRayNet on uint8 input, eval mode, no grad."""
     import torch
 
-    from bonexray.trainer.model import BoneXRayNet
+    from bonexray.trainer.network import BoneXRayNet
 
     net = BoneXRayNet().eval().to(device).to(memory_format=torch.channels_last)
     pixels = torch.randint(0, 256, (batch, 1, size, size), dtype=torch.uint8, device=device)
@@ -75,7 +75,7 @@ def measure_train_step(device: str, size: int, batch: int, repeats: int) -> floa
     """Training images per second with bf16 autocast (the trainer's CUDA recipe)."""
     import torch
 
-    from bonexray.trainer.model import BoneXRayNet
+    from bonexray.trainer.network import BoneXRayNet
 
     net = BoneXRayNet().train().to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)

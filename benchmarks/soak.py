@@ -29,9 +29,9 @@ from PIL import Image
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
-from bonexray.db.models import Study, View
 from bonexray.db.query import job_progress
 from bonexray.db.session import open_database, session_scope
+from bonexray.db.tables import Study, View
 from bonexray.export.cheap import write_cheap_model
 
 BONEXRAY = [sys.executable, "-m", "bonexray.cli"]

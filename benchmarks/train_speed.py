@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from bonexray.trainer.model import BoneXRayNet
+from bonexray.trainer.network import BoneXRayNet
 from bonexray.trainer.train import _memory_format
 
 
