@@ -492,7 +492,9 @@ def export_model(checkpoint: str | Sequence[str], out: str, *, opset: int = DEFA
             cam_map = wrapped(torch.zeros(1, 1, image_size, image_size, dtype=torch.uint8))[2]
         cam_shape = [int(cam_map.shape[1]), int(cam_map.shape[2])]
     out_path = Path(out).expanduser().resolve()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if not out_path.parent.is_dir():  # made, and said so: never a silent side effect
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("created the folder %s for %s", out_path.parent, out_path.name)
     metadata_in = _metadata(members, opset=opset, precision=precision, cam_shape=cam_shape,
                              aggregation=aggregation)
     metadata_in["tta"] = tta if tta == "none" else (

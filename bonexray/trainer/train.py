@@ -862,9 +862,10 @@ def _keep_weights(model: nn.Module, payload: dict[str, Any], rules: Sequence[str
             if config.candidates:
                 _save(out / "candidates" / f"{rule}.pt", chosen)
         candidates[rule] = metrics.get("auroc")
+        auroc = metrics.get("auroc")
         log.info("weights %s (%s): valid AUROC %s", rule,
                  f"epochs {epochs[0]}-{epochs[-1]}" if len(epochs) > 1 else
-                 f"epoch {epochs[0]}", metrics.get("auroc"))
+                 f"epoch {epochs[0]}", "n/a" if auroc is None else f"{auroc:.4f}")
         if rule == config.checkpoint:
             kept = {"rule": rule, "epochs": epochs, "metrics": metrics}
     model.load_state_dict(final)
