@@ -27,8 +27,8 @@ COPY bonexray ./bonexray
 # Every package at the version in constraints.txt ('make lock'), so that images built on
 # different days run the same Celery, kombu, SQLAlchemy; onnxruntime-gpu in particular at
 # the release built for this image's CUDA 13 / cuDNN 9.
-RUN pip install -c constraints.txt . "onnxruntime-gpu==1.31.*" \
-    && python -c "import onnxruntime, bonexray.worker.tasks"
+RUN pip install -c constraints.txt ".[dicom]" "onnxruntime-gpu==1.31.*" \
+    && python -c "import onnxruntime, pydicom, gdcm, bonexray.worker.tasks"
 USER bonexray
 # A worker is healthy when its Celery node answers a ping through the broker.
 HEALTHCHECK --interval=30s --timeout=20s --start-period=60s --retries=3 \

@@ -37,6 +37,22 @@ class ImageError(BonexrayError, ValueError):
     """A view file that cannot be turned into pixels; the message is one line."""
 
 
+def is_dicom_path(path: str | Path) -> bool:
+    """A DICOM file by its name (.dcm, .dicom) or, for a name without an image suffix, by
+    the DICOM preamble ("DICM" at byte 128): DICOM archives often name files by UID."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".dcm", ".dicom"):
+        return True
+    if suffix in VIEW_EXTENSIONS:
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
 def is_view_file(name: str) -> bool:
     """True for a non-hidden file name with a view extension."""
     return not name.startswith(".") and Path(name).suffix.lower() in VIEW_EXTENSIONS
@@ -109,6 +125,10 @@ def decode_gray(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     image of a sane size. `draft_size` lets JPEG decode at a reduced scale that is still at
     least that many pixels on each side (much faster, same result after resizing).
     """
+    if is_dicom_path(path):
+        from bonexray.dicom import decode_dicom
+
+        return decode_dicom(path, max_pixels=max_pixels, budget_bytes=budget_bytes)
     try:
         with Image.open(path) as img:
             width, height = img.size

@@ -130,7 +130,8 @@ def test_dockerfile_targets():
     stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, flags=re.M | re.I)
     assert {"worker", "trainer"} <= set(stages)
     worker = text.split("AS worker", 1)[1].split("AS trainer", 1)[0]
-    assert "pip install -c constraints.txt . " in worker and "[train]" not in worker  # no torch
+    # No torch in the worker; the DICOM codecs are in.
+    assert 'pip install -c constraints.txt ".[dicom]" ' in worker and "[train]" not in worker
     assert re.search(r"^USER\s+bonexray", worker, flags=re.M)
     assert "HEALTHCHECK" in worker
     # onnxruntime-gpu 1.31 is built for CUDA 13 and cuDNN 9: the base image must match.
@@ -166,7 +167,7 @@ def test_installs_are_pinned_by_the_lock() -> None:
     assert "onnxruntime" not in pins and "onnxruntime-gpu" in pins
     assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
     makefile = (ROOT / "Makefile").read_text()
-    assert "-c constraints.txt -e '.[train,report,dev]'" in makefile
+    assert "-c constraints.txt -e '.[train,report,dev,dicom]'" in makefile
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     dockerfile = DOCKERFILE.read_text()
     assert "constraints.txt ./" in dockerfile

@@ -1,0 +1,195 @@
+"""DICOM radiographs to the array every view becomes: uint8 [H, W], bone bright.
+
+The DICOM branch of `bonexray.imaging.load_view`, for training and inference alike. The
+rules, in order (DICOM PS3.3 C.11, "Softcopy VOI LUT" and "Presentation LUT"):
+
+1. Only CR (1.2.840.10008.5.1.4.1.1.1) and DX For Presentation
+   (1.2.840.10008.5.1.4.1.1.1.1) are radiographs to classify. Every other object (DX For
+   Processing, structured reports, presentation states, secondary captures, ...) raises
+   SkippedObject naming its class, so bonexray never classifies its own results.
+2. Modality LUT: RescaleSlope/RescaleIntercept, or a Modality LUT Sequence.
+3. VOI: a VOI LUT Sequence before WindowCenter/WindowWidth (the first of several windows,
+   with VOILUTFunction LINEAR, LINEAR_EXACT or SIGMOID); no VOI at all: a robust window
+   from the 0.5th to the 99.5th percentile of the pixels that are not PixelPaddingValue.
+4. Polarity, after VOI and about its output range: inverted when PresentationLUTShape is
+   INVERSE, or when the image is MONOCHROME1 and gives no shape. (pydicom's
+   apply_presentation_lut leaves CR MONOCHROME1 without a shape as it is, and "invert if
+   MONOCHROME1" inverts DX MONOCHROME1 + INVERSE twice.)
+5. A multi-frame object is refused with a clear message (a radiograph is one frame; a
+   multi-frame CR/DX is rare and ambiguous: split it into single-frame objects first).
+
+Pixel data in a transfer syntax no installed decoder handles fails its view with a
+one-line reason naming the syntax; nothing else is lost. Decoders (the `dicom` extra):
+pydicom itself (uncompressed, RLE), python-gdcm (JPEG Baseline/Extended/Lossless, JPEG-LS,
+JPEG 2000; BSD), pylibjpeg-openjpeg (JPEG 2000; MIT), pylibjpeg-rle (RLE, fast; MIT),
+pyjpegls (JPEG-LS; MIT). pylibjpeg-libjpeg (GPLv3) is not used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bonexray.errors import one_line
+from bonexray.imaging import ImageError
+
+CR = "1.2.840.10008.5.1.4.1.1.1"
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+RADIOGRAPHS = {CR: "CR Image", DX_FOR_PRESENTATION: "DX Image For Presentation"}
+# The percentiles of the robust window used when an image carries no VOI.
+ROBUST_WINDOW = (0.5, 99.5)
+
+
+class SkippedObject(ImageError):
+    """A DICOM object that is not a radiograph to classify (its SOP class is named)."""
+
+
+def sop_class_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return name if name and name != uid else "unknown SOP class"
+
+
+def read_header(path: str | Path) -> Any:
+    """The dataset without its pixel data (cheap: what grouping studies needs)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+        raise ImageError(f"not a readable DICOM file: {one_line(exc, limit=200)}") from None
+
+
+def check_radiograph(ds: Any) -> None:
+    """Raise SkippedObject unless `ds` is a CR or DX For Presentation image."""
+    uid = str(getattr(ds, "SOPClassUID", "") or "")
+    if uid not in RADIOGRAPHS:
+        shown = f"{sop_class_name(uid)} ({uid})" if uid else "no SOPClassUID"
+        raise SkippedObject(f"skipped: {shown} is not a CR or DX For Presentation radiograph")
+
+
+def decode_dicom(path: str | Path, *, max_pixels: int, budget_bytes: int = 0) -> np.ndarray:
+    """Decode a CR/DX object to uint8 [H, W] with bone bright (the rules above).
+
+    Raises SkippedObject for objects that are not radiographs and ImageError, with a
+    one-line reason, for anything that cannot be decoded."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+        raise ImageError(f"not a readable DICOM file: {one_line(exc, limit=200)}") from None
+    check_radiograph(ds)
+    if "PixelData" not in ds:
+        raise ImageError("DICOM object has no pixel data")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if rows < 1 or cols < 1:
+        raise ImageError(f"DICOM image has no pixels: {cols}x{rows}")
+    if rows * cols > max_pixels:
+        raise ImageError(f"image too large: {cols}x{rows} = {rows * cols} pixels "
+                         f"> limit {max_pixels}")
+    if frames > 1:
+        raise ImageError(f"multi-frame DICOM object ({frames} frames): a radiograph view is "
+                         "one frame; split it into single-frame objects first")
+    needed = rows * cols * 8 * 3  # the stored array, float64 work copies
+    if budget_bytes and needed > budget_bytes:
+        raise ImageError(f"image too large to decode: {cols}x{rows} needs about "
+                         f"{needed >> 20} MiB > budget {budget_bytes >> 20} MiB")
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID", "unknown") if meta is not None else "unknown"
+    try:
+        stored = np.asarray(ds.pixel_array)
+    except Exception as exc:  # every decoder raises its own types
+        name = getattr(syntax, "name", str(syntax))
+        raise ImageError(f"cannot decode pixel data in {name} ({syntax}): "
+                         f"{one_line(exc, limit=200)}") from None
+    if stored.ndim == 3:  # RGB or similar: luminance
+        stored = stored[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    if stored.shape != (rows, cols):
+        raise ImageError(f"pixel data of shape {stored.shape} for a {cols}x{rows} image")
+    return to_display(ds, stored)
+
+
+def to_display(ds: Any, stored: np.ndarray) -> np.ndarray:
+    """Stored pixel values -> uint8 with bone bright: Modality LUT, VOI, polarity."""
+    from pydicom.pixels import apply_modality_lut
+
+    padding = _padding_mask(ds, stored)
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        shown = _voi_lut(ds, values)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        shown = _window(ds, values)
+    else:
+        shown = _robust_window(values, padding)
+    if _inverted(ds):
+        shown = 1.0 - shown
+    if padding is not None:
+        shown[padding] = 0.0  # not part of the image: background, whatever the polarity
+    return np.round(np.clip(shown, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _padding_mask(ds: Any, stored: np.ndarray) -> np.ndarray | None:
+    """True where the stored value is PixelPaddingValue (up to its range limit, if any)."""
+    if "PixelPaddingValue" not in ds:
+        return None
+    first = float(ds.PixelPaddingValue)
+    last = float(ds.get("PixelPaddingRangeLimit", first))
+    low, high = min(first, last), max(first, last)
+    return (stored >= low) & (stored <= high)
+
+
+def _first(value: Any) -> float:
+    """The first of a multi-valued element (several windows: the first one)."""
+    try:
+        return float(value[0])
+    except (TypeError, IndexError):
+        return float(value)
+
+
+def _window(ds: Any, values: np.ndarray) -> np.ndarray:
+    """WindowCenter/WindowWidth (the first pair), as PS3.3 C.11.2.1.2, to [0, 1]."""
+    center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-6)))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - center) / max(width, 1e-6) + 0.5, 0.0, 1.0)
+    width = max(width, 1.0)
+    return np.clip((values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+
+
+def _voi_lut(ds: Any, values: np.ndarray) -> np.ndarray:
+    """The first VOI LUT of the VOI LUT Sequence (pydicom reads its data, US or OW), to
+    [0, 1] of the LUT's output range (2^bits - 1 of its descriptor)."""
+    from pydicom.pixels import apply_voi
+
+    item = ds.VOILUTSequence[0]
+    bits = int(item.LUTDescriptor[2]) or 16
+    mapped = np.asarray(apply_voi(np.round(values).astype(np.int64), ds, index=0),
+                        dtype=np.float64)
+    return mapped / float(2 ** bits - 1)
+
+
+def _robust_window(values: np.ndarray, padding: np.ndarray | None) -> np.ndarray:
+    """No VOI in the header: the 0.5th-99.5th percentile range of the real pixels."""
+    real = values if padding is None else values[~padding]
+    if real.size == 0:
+        real = values
+    low, high = np.percentile(real, ROBUST_WINDOW)
+    if high <= low:
+        high = low + 1.0
+    return (values - low) / (high - low)
+
+
+def _inverted(ds: Any) -> bool:
+    shape = str(ds.get("PresentationLUTShape", "") or "").upper()
+    if shape:
+        return shape == "INVERSE"
+    return str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
