@@ -55,8 +55,12 @@ def sop_class_name(uid: str) -> str:
 
 def read_header(path: str | Path) -> Any:
     """The dataset without its pixel data (cheap: what grouping studies needs)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError:
+        raise ImageError("reading DICOM needs the dicom extra: pip install "
+                         "'bonexray[dicom]'") from None
 
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
@@ -77,14 +81,28 @@ def decode_dicom(path: str | Path, *, max_pixels: int, budget_bytes: int = 0) ->
 
     Raises SkippedObject for objects that are not radiographs and ImageError, with a
     one-line reason, for anything that cannot be decoded."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError:
+        raise ImageError("reading DICOM needs the dicom extra: pip install "
+                         "'bonexray[dicom]'") from None
 
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
         raise ImageError(f"not a readable DICOM file: {one_line(exc, limit=200)}") from None
     check_radiograph(ds)
+    try:
+        return _decode(ds, max_pixels=max_pixels, budget_bytes=budget_bytes)
+    except ImageError:
+        raise
+    except Exception as exc:  # a malformed header: this view fails, never its chunk
+        raise ImageError(f"malformed DICOM header: {one_line(exc, typed=True, limit=200)}") \
+            from None
+
+
+def _decode(ds: Any, *, max_pixels: int, budget_bytes: int) -> np.ndarray:
     if "PixelData" not in ds:
         raise ImageError("DICOM object has no pixel data")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
@@ -166,15 +184,30 @@ def _window(ds: Any, values: np.ndarray) -> np.ndarray:
 
 
 def _voi_lut(ds: Any, values: np.ndarray) -> np.ndarray:
-    """The first VOI LUT of the VOI LUT Sequence (pydicom reads its data, US or OW), to
-    [0, 1] of the LUT's output range (2^bits - 1 of its descriptor)."""
-    from pydicom.pixels import apply_voi
+    """The first VOI LUT of the VOI LUT Sequence, to [0, 1] of its output range.
 
+    The lookup is done here, in int64 (pydicom 3.0's apply_voi indexes in the LUT's own
+    8/16-bit type, which wraps for an 8-bit LUT of 4096 entries). LUTData may arrive as a
+    list (US) or as bytes (OW: 16-bit words even for 8-bit entries)."""
     item = ds.VOILUTSequence[0]
-    bits = int(item.LUTDescriptor[2]) or 16
-    mapped = np.asarray(apply_voi(np.round(values).astype(np.int64), ds, index=0),
-                        dtype=np.float64)
-    return mapped / float(2 ** bits - 1)
+    entries, first_mapped, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536
+    raw = item.LUTData
+    if isinstance(raw, bytes | bytearray):
+        lut = np.frombuffer(bytes(raw), dtype="<u2").astype(np.float64)
+    else:
+        lut = np.asarray(raw if isinstance(raw, list | tuple | np.ndarray) else [raw],
+                         dtype=np.float64).ravel()
+    lut = lut[:entries]
+    if lut.size == 0:
+        raise ImageError("VOI LUT Sequence holds an empty LUT")
+    index = np.clip(np.round(values).astype(np.int64) - first_mapped, 0, lut.size - 1)
+    top = float(2 ** bits - 1) if 0 < bits <= 16 else float(lut.max() or 1.0)
+    if bits == 16 and 0 < lut.max() < 4096:
+        # Some vendors declare 16 bits for a LUT that holds 12-bit data: use its real range
+        # rather than showing an all-but-black image.
+        top = 4095.0
+    return lut[index] / top
 
 
 def _robust_window(values: np.ndarray, padding: np.ndarray | None) -> np.ndarray:

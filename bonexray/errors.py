@@ -6,8 +6,8 @@ The command line prints such an error as one line and exits with status 2. Anyth
 (a plain ValueError, a KeyError, an AssertionError) is a bug: it keeps its traceback and
 exit status 1, so that a bug is never mistaken for a user's mistake.
 
-The classes keep their standard bases as well (ValueError, LookupError, OSError, ...), so
-code that catches those still catches them.
+Most classes keep a standard base as well (ValueError, LookupError, OSError, ...), so code
+that catches those still catches them; the two "not found" errors are LookupErrors.
 """
 
 from __future__ import annotations

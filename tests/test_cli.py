@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from click.testing import CliRunner
 
 from bonexray.cli import cli
@@ -89,3 +91,32 @@ def test_a_folder_without_any_study_is_an_error_not_an_empty_success(tmp_path, s
     result = CliRunner().invoke(cli, ["run", str(tmp_path / "nothing"), "--model", str(model),
                                       "--db", sqlite_url])
     assert result.exit_code == 2 and "no view image under" in result.output, result.output
+
+
+def test_a_registered_model_whose_file_is_gone_is_one_line_and_leaves_no_job(sqlite_url,
+                                                                           tmp_path):
+    import numpy as np
+    from PIL import Image
+    from sqlalchemy import func, select
+
+    from bonexray.db.tables import Job
+    from bonexray.export.cheap import write_cheap_model
+
+    study = tmp_path / "data" / "patient1" / "study1"
+    study.mkdir(parents=True)
+    Image.fromarray(np.full((32, 32), 128, dtype=np.uint8)).save(study / "image1.png")
+    model = Path(write_cheap_model(tmp_path / "cheap.onnx"))
+    runner = CliRunner()
+    first = runner.invoke(cli, ["run", str(tmp_path / "data"), "--model", str(model),
+                                "--db", sqlite_url])
+    assert first.exit_code == 0, first.output
+    model.unlink()
+    from bonexray.pipeline import chunks
+
+    chunks._classifiers.clear()  # as in a new process: the session is not cached yet
+    again = runner.invoke(cli, ["run", str(tmp_path / "data"), "--model", "cheap",
+                                "--db", sqlite_url])
+    assert again.exit_code == 2, again.output
+    assert "Traceback" not in again.output and "cheap" in again.stderr
+    with session_scope(open_database(sqlite_url)) as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 1

@@ -177,3 +177,31 @@ def test_help_lists_the_flow_in_order_without_cut_summaries() -> None:
             for param in sub.params:
                 if param.param_type_name == "option":
                     assert getattr(param, "help", None), (name, sub.name, param.name)
+
+
+def test_csv_keeps_nested_values_as_json_and_wide_tables_never_cut_numbers(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    a_job()
+    rows = list(csv.DictReader(io.StringIO(invoke("models", "list", "--format", "csv")[1])))
+    assert json.loads(rows[0]["metadata"])["threshold"] == "0.5"
+
+    from bonexray.cli import render
+
+    # Eleven numeric columns and a long row name need more than 80 characters: the table
+    # grows rather than cut a figure.
+    out = render.table("wide", [("group", "text"),
+                                *((f"m{i}", "num") for i in range(10))])
+    out.add_row("multiscan=False and more", *(f"-0.123\n-.12–-.02" for _ in range(10)))
+    render.print_table(out)
+    printed = capsys.readouterr().out
+    assert printed.count("-.12–-.02") == 10 and printed.count("-0.123") == 10
+
+
+def test_resource_failures_of_training_are_advice_not_tracebacks() -> None:
+    from bonexray.cli.training import resource_error
+
+    assert "--batch-size" in resource_error(RuntimeError("CUDA out of memory. Tried to"))
+    assert "shm-size" in resource_error(RuntimeError(
+        "DataLoader worker (pid 12) is killed by signal: Bus error."))
+    assert resource_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert any("--batch" in p.opts for p in cli.commands["bench"].params)  # the old name

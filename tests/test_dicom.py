@@ -136,6 +136,32 @@ def test_rescale_windows_and_voi_lut_in_their_order(tmp_path):
     assert np.abs(seq.astype(int) - expected.astype(int)).max() <= 1
 
 
+def test_voi_luts_of_8_bits_and_of_words_index_without_wrapping(tmp_path):
+    """An 8-bit LUT of 4096 entries (common in CR) and one sent as OW bytes."""
+    stored = (phantom() >> 4).astype(np.uint16)  # 12-bit values
+    expected = np.round(stored / 4095 * 255).astype(int)
+    for name, lut in (("us", np.linspace(0, 255, 4096).round().astype(np.uint16).tolist()),
+                      ("ow", np.linspace(0, 255, 4096).round().astype("<u2").tobytes())):
+        item = Dataset()
+        item.LUTDescriptor = [4096, 0, 8]
+        item.add_new(0x00283006, "US" if isinstance(lut, list) else "OW", lut)  # LUTData
+        image = decode(write(tmp_path, f"lut8_{name}.dcm",
+                             dataset(stored, bits_stored=12, VOILUTSequence=[item])))
+        assert np.abs(image.astype(int) - expected).max() <= 1, name
+        assert bone_is_bright(image)
+
+
+def test_a_malformed_header_fails_its_view_in_one_line(tmp_path):
+    no_descriptor = Dataset()
+    no_descriptor.add_new(0x00283006, "US", [0, 1, 2])  # LUTData, no LUTDescriptor
+    for name, ds in (("empty_window.dcm", dataset(phantom(), WindowCenter="",
+                                                  WindowWidth="")),
+                     ("no_descriptor.dcm", dataset(phantom(), VOILUTSequence=[no_descriptor]))):
+        with pytest.raises(ImageError) as caught:
+            decode(write(tmp_path, name, ds))
+        assert "\n" not in str(caught.value), name
+
+
 def test_padding_is_left_out_of_the_automatic_window(tmp_path):
     attenuation = phantom()
     padded = attenuation.copy()

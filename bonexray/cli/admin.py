@@ -18,8 +18,8 @@ from bonexray.settings import get_settings
 @click.option("--quick", is_flag=True, help="Fewer images and repeats (a few minutes here).")
 @click.option("--image-size", default=224, show_default=True,
               help="Input size of the benchmark's model, px.")
-@click.option("--batch-size", "batch", type=click.IntRange(min=1), default=16,
-              show_default=True, help="Views per inference batch.")
+@click.option("--batch-size", "--batch", "batch", type=click.IntRange(min=1), default=16,
+              show_default=True, help="Views per inference batch (--batch: the old name).")
 @click.option("--images", default=0, help="Views to generate (default 192, quick 96).")
 @click.option("--control-studies", default=0,
               help="Studies for the control-plane figure (default 4000, quick 1500).")
@@ -111,6 +111,13 @@ def models_list(database_url: str | None, fmt: str) -> None:
          columns=("model", "id", "sha256", "path", "created_at", "metadata"))
 
 
+def _threshold(value: Any) -> str:
+    try:
+        return f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return "" if value is None else str(value)
+
+
 def _print_models(rows: list[dict[str, Any]]) -> None:
     out = table(f"{len(rows)} registered models, oldest first; times in UTC",
                 [("name", "path"), ("sha256", "key"), ("prec", "key"), ("checked", "key"),
@@ -119,7 +126,7 @@ def _print_models(rows: list[dict[str, Any]]) -> None:
         meta = r["metadata"]
         out.add_row(r["model"], r["sha256"][:12],
                     str(meta.get("precision", "fp32")), validated_on(meta),
-                    str(meta.get("input_size", "")), str(meta.get("threshold", "")),
+                    str(meta.get("input_size", "")), _threshold(meta.get("threshold")),
                     utc(r["created_at"])[:10], r["path"])
     print_table(out)
 

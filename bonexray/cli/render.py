@@ -49,12 +49,13 @@ def output_format(func: F) -> F:
 def emit(data: Any, fmt: str, table: Callable[[], None],
          columns: Sequence[str] | None = None) -> None:
     """Print `data` (a record or a list of records) as `fmt` asks; `table` prints it for
-    people. csv: one row per record, `columns` (default: the first record's keys)."""
+    people. csv: one row per record; with `columns`, those keys (a nested value is JSON text
+    in its cell), else the first record's keys with nested records flattened (a.b)."""
     if fmt == "json":
         echo_json(data)
     elif fmt == "csv":
         rows = data if isinstance(data, list) else [data]
-        write_csv([flatten(r) for r in rows], columns)
+        write_csv(rows if columns else [flatten(r) for r in rows], columns)
     else:
         table()
 
@@ -195,10 +196,14 @@ def print_table(out: Any) -> None:
             paths.append((column, widest))
         else:
             fixed += min(widest, max(len(str(column.header)), 12))
+    if fixed + 8 * len(paths) > width:
+        # Numbers and keys alone need more than the terminal has: widen rather than cut a
+        # figure (only an extreme table, e.g. very long group names, gets here).
+        width = fixed + 8 * len(paths)
     left = max(8 * len(paths), width - fixed)
     for n, (column, widest) in enumerate(paths):
         share = min(widest, max(8, left // (len(paths) - n)))
         left -= share
         column._cells = [middle(str(c), share) for c in column._cells]
         column.width = share
-    console().print(out)
+    console(width=width).print(out)

@@ -265,7 +265,7 @@ def _print_evaluation(figures: dict[str, Any]) -> None:
     out = table(f"job {figures['job']}, {stored}: threshold {overall['threshold']:g}; "
                 f"{overall['unscored']} labelled studies unscored, "
                 f"{overall['unlabelled']} unlabelled skipped{partial_note}",
-                [("group", "key"), ("n", "num"), ("pos", "num"), ("unsc", "num"),
+                [("group", "text"), ("n", "num"), ("pos", "num"), ("unsc", "num"),
                  *((_SHORT.get(m, m), "num") for m in _EVAL_COLUMNS)],
                 caption="value, and below it the 95% bootstrap interval; n/a: undefined "
                         "(e.g. AUROC of a group with one class)")
@@ -318,4 +318,4 @@ def export_predictions(job: int, out: str, database_url: str | None,
     click.echo(f"wrote {summary['written']} predictions to "
                f"{'stdout' if out == '-' else out}"
                + (f"; {summary['unscored']} studies without a prediction left out"
-                  if summary["unscored"] else ""), err=out == "-")
+                  if summary["unscored"] else ""), err=True)

@@ -58,6 +58,7 @@ def run(folder: str, model_ref: str, database_url: str | None, fmt: str,
     """Classify every study under FOLDER in this process (no broker): the embedded default."""
     from bonexray.jobs import prepare_job, run_embedded
     from bonexray.modelstore import resolve_model
+    from bonexray.pipeline.chunks import get_classifier
     from bonexray.pipeline.inference import check_provider_settings
 
     apply_overrides(database_url=database_url, chunk_size=chunk_size, batch_size=batch_size)
@@ -65,6 +66,9 @@ def run(folder: str, model_ref: str, database_url: str | None, fmt: str,
     check_provider_settings(settings)  # before a job is registered
     db = base.engine(model_ref=model_ref)
     model = resolve_model(engine=db, ref=model_ref)
+    # Load it now (the pipeline reuses this session): a registered model whose file is gone
+    # or will not load is one line, exit 2, and no job is left behind unfinished.
+    get_classifier(model, settings)
     job = prepare_job(engine=db, root=folder, model=model, mode="embedded",
                       options={"chunk_size": settings.chunk_size,
                                "batch_size": settings.batch_size})
@@ -170,7 +174,8 @@ def _print_job_summary(job: int, elapsed: float, fmt: str) -> None:
               show_default=True,
               help="Celery's pool: prefork (processes; one per GPU), solo (this process), "
                    "threads.")
-@click.option("--queue", "-Q", default=None, help="Queue to consume (default bonexray).")
+@click.option("--queue", "-Q", default=None,
+              help="Queue to consume [env: BONEXRAY_QUEUE; default: bonexray].")
 @click.option("--hostname", "-n", default=None, help="Worker node name (Celery's -n).")
 @click.option("--log-level", "--loglevel", "-l", "loglevel", default=None,
               help="Celery's log level [env: BONEXRAY_LOG_LEVEL; default: info]; "

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from bonexray.cli.base import cli, user_errors
+from bonexray.cli.base import UserError, cli, user_errors
 from bonexray.cli.render import emit, fig, output_format
 from bonexray.trainer.recipes import recipe_help
 
@@ -119,9 +119,28 @@ def train(data: str, out: str, recipe: str, epochs: int, image_size: int | None,
         checkpoint=checkpoint_rule, average_last=average_last, candidates=candidates,
         test=test_dir, snapshots=snapshots,
     )
-    with RichTrainProgress() as progress:
-        summary = run_training(config, resume=resume, progress=progress)
+    try:
+        with RichTrainProgress() as progress:
+            summary = run_training(config, resume=resume, progress=progress)
+    except RuntimeError as exc:
+        reason = resource_error(exc)
+        if reason is None:
+            raise  # a bug: keep the traceback
+        raise UserError(f"{reason} (--resume continues from OUT/last.pt)") from None
     emit(summary, fmt, lambda: _print_training(summary))
+
+
+def resource_error(exc: BaseException) -> str | None:
+    """The machine, not the code: out of GPU memory, or a DataLoader worker killed (most
+    often too little shared memory in a container). A one-line advice, else None."""
+    text = " ".join(str(exc).split())
+    if "out of memory" in text.lower():
+        return (f"out of memory while training ({text[:120]}): lower --batch-size or "
+                "--image-size")
+    if "DataLoader worker" in text:
+        return (f"a DataLoader worker died ({text[:160]}): give the container more shared "
+                "memory (docker --shm-size) or lower --workers")
+    return None
 
 
 def _print_training(summary: dict[str, Any]) -> None:

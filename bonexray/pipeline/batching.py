@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bonexray.errors import BonexrayError
 from bonexray.imaging import DEFAULT_DECODE_BUDGET, ImageError, load_view
 from bonexray.metrics import aggregate
 from bonexray.pipeline.records import (
@@ -26,6 +27,10 @@ from bonexray.security import check_view
 from bonexray.settings import MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
+
+
+class ModelOutputError(BonexrayError, RuntimeError):
+    """The model gave something other than one finite probability per view."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,7 @@ def classify_studies(
         probs = predict(batch[: len(batch_ids)])
         infer_ms = (time.perf_counter() - start) * 1000.0
         if probs.shape != (len(batch_ids),) or not np.all(np.isfinite(probs)):
-            raise RuntimeError(
+            raise ModelOutputError(
                 f"model returned {probs.shape} (finite: {bool(np.all(np.isfinite(probs)))}) "
                 f"for a batch of {len(batch_ids)}"
             )

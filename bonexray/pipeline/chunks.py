@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from bonexray.db import ledger, store
 from bonexray.db.session import open_database, session_scope
 from bonexray.db.tables import Job, Model
-from bonexray.errors import one_line
+from bonexray.errors import BonexrayError, one_line
 from bonexray.modelstore import local_model_path
 from bonexray.pipeline.batching import PipelineOptions, classify_studies
 from bonexray.pipeline.inference import Classifier, ModelMismatchError
@@ -35,9 +35,10 @@ _lock = threading.Lock()
 _classifiers: OrderedDict[tuple[int, str, str], Classifier] = OrderedDict()
 
 
-class WorkerSickError(RuntimeError):
+class WorkerSickError(BonexrayError, RuntimeError):
     """This worker cannot classify (the model will not load here, the provider fails): it
-    must stop taking work and leave the studies to healthy workers."""
+    must stop taking work and leave the studies to healthy workers. For `bonexray run`, a
+    one-line error the user acts on (a model file gone, a provider that fails)."""
 
 
 class UnknownJobError(LookupError):
@@ -326,7 +327,7 @@ def process_chunk(*, engine: Engine, job_id: int, study_ids: Sequence[int], sett
     return summary
 
 
-class InferenceError(RuntimeError):
+class InferenceError(BonexrayError, RuntimeError):
     """onnxruntime failed on a batch (out of device memory, a broken provider)."""
 
 
