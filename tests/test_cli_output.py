@@ -191,7 +191,7 @@ def test_csv_keeps_nested_values_as_json_and_wide_tables_never_cut_numbers(
     # grows rather than cut a figure.
     out = render.table("wide", [("group", "text"),
                                 *((f"m{i}", "num") for i in range(10))])
-    out.add_row("multiscan=False and more", *(f"-0.123\n-.12–-.02" for _ in range(10)))
+    out.add_row("multiscan=False and more", *("-0.123\n-.12–-.02" for _ in range(10)))
     render.print_table(out)
     printed = capsys.readouterr().out
     assert printed.count("-.12–-.02") == 10 and printed.count("-0.123") == 10
