@@ -230,7 +230,7 @@ def test_export_predictions_in_mura_format(db_url: str, tmp_path: Path) -> None:
     code, piped, summary = invoke("export-predictions", str(job_id), "-")
     assert code == 0 and piped == target.read_text() and "to stdout" in summary
     assert not Path("-").exists()
-    assert "3 studies without a prediction left out" in out
+    assert "3 studies without a prediction left out" in err  # notes go to stderr
     rows = list(csv.reader(target.read_text().splitlines()))
     scored = sorted((f"{ROOT}/{p}", score) for p, _, _, score in SPECS if score is not None)
     assert len(rows) == len(scored) == 54
