@@ -53,21 +53,6 @@ def sop_class_name(uid: str) -> str:
     return name if name and name != uid else "unknown SOP class"
 
 
-def read_header(path: str | Path) -> Any:
-    """The dataset without its pixel data (cheap: what grouping studies needs)."""
-    try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-    except ImportError:
-        raise ImageError("reading DICOM needs the dicom extra: pip install "
-                         "'bonexray[dicom]'") from None
-
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
-        raise ImageError(f"not a readable DICOM file: {one_line(exc, limit=200)}") from None
-
-
 def check_radiograph(ds: Any) -> None:
     """Raise SkippedObject unless `ds` is a CR or DX For Presentation image."""
     uid = str(getattr(ds, "SOPClassUID", "") or "")
