@@ -202,7 +202,7 @@ def poison_view(run: Run) -> dict[str, Any]:
         stop.set()
     run.fault_end = kills[-1] if kills else time.time()
     with session_scope(open_database(run.db_url)) as session:
-        error = session.scalar(select(View.error).where(View.path == str(fifo)))
+        error = session.scalar(select(View.error).where(View.source == str(fifo)))
     return figures(run, job, kills=len(kills),
                    view_failed_with_reason=bool(error and "died" in error))
 

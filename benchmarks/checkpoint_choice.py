@@ -67,7 +67,7 @@ def main() -> None:
               for rel in split["test"]}
     config = first["config"]
     search = [root] + ([Path(config["test"])] if config.get("test") else [])
-    by_path = {Path(s.path).as_posix(): s for base in search for s in find_studies(base)}
+    by_path = {Path(s.key).as_posix(): s for base in search for s in find_studies(base)}
     studies = [s for path, s in by_path.items() if path in wanted]
     if len(studies) != len(wanted):
         raise SystemExit(f"found {len(studies)} of the {len(wanted)} recorded test studies")

@@ -54,11 +54,15 @@ def sop_class_name(uid: str) -> str:
 
 
 def check_radiograph(ds: Any) -> None:
-    """Raise SkippedObject unless `ds` is a CR or DX For Presentation image."""
+    """Raise SkippedObject unless `ds` is a CR or DX For Presentation image (ImageError when
+    it names no SOP class at all)."""
     uid = str(getattr(ds, "SOPClassUID", "") or "")
+    if not uid:
+        raise ImageError("not a readable DICOM object: no SOPClassUID (a truncated or damaged "
+                         "file?)")
     if uid not in RADIOGRAPHS:
-        shown = f"{sop_class_name(uid)} ({uid})" if uid else "no SOPClassUID"
-        raise SkippedObject(f"skipped: {shown} is not a CR or DX For Presentation radiograph")
+        raise SkippedObject(f"skipped: {sop_class_name(uid)} ({uid}) is not a CR or DX For "
+                            "Presentation radiograph")
 
 
 def decode_dicom(path: str | Path, *, max_pixels: int, budget_bytes: int = 0) -> np.ndarray:

@@ -83,10 +83,10 @@ def flag_breakdown(outcomes: Sequence[dict[str, Any]], flags_by_study: dict[str,
     not list the study); the figures as summarize_outcomes' overall ones."""
     result: dict[str, dict[str, Any]] = {}
     for flag in flags:
-        values = {o["path"]: flags_by_study.get(o["path"], {}).get(flag, "?") for o in outcomes}
+        values = {o["study"]: flags_by_study.get(o["study"], {}).get(flag, "?") for o in outcomes}
         result[flag] = {}
         for value in sorted(set(values.values())):
-            subset = [o for o in outcomes if values[o["path"]] == value]
+            subset = [o for o in outcomes if values[o["study"]] == value]
             if any(o["label"] is not None for o in subset):
                 result[flag][value] = summarize_outcomes(
                     subset, threshold=threshold, resamples=resamples, seed=seed)["overall"]
@@ -202,7 +202,7 @@ def evaluate_job(*, session: Session, job_id: int, resamples: int = DEFAULT_RESA
             raise ManifestError(f"no {MANIFEST_NAME} at {job.root if job else '?'} or above "
                                 "it; pass --manifest (written by `bonexray import`)")
         flags = read_flags(found, by_flags)
-        matched = sum(1 for o in outcomes if o["path"] in flags)
+        matched = sum(1 for o in outcomes if o["study"] in flags)
         if not matched:
             raise ManifestError(f"{found} lists none of job {job_id}'s {len(outcomes)} studies "
                                 "(was the data moved or copied since the import?)")
@@ -256,7 +256,7 @@ def write_mura_predictions(*, session: Session, job_id: int, out: str | Path | T
     if job is None:
         raise query.JobNotFoundError(f"no job with id {job_id}")
     rows = session.execute(
-        select(Study.path, Study.prediction).where(Study.job_id == job_id)
+        select(Study.key, Study.prediction).where(Study.job_id == job_id)
     ).all()
     scored = sorted((path, prediction) for path, prediction in rows if prediction is not None)
     def write(fh: TextIO) -> None:

@@ -20,7 +20,7 @@ from bonexray.errors import BonexrayError, InvalidValueError, JobNotFoundError, 
 from bonexray.pipeline.records import DONE
 from bonexray.security import check_folder
 from bonexray.settings import Settings, get_settings, mask_url
-from bonexray.studies import Study, StudyError, find_studies
+from bonexray.studies import Scan, Study, StudyError, scan_studies
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +45,21 @@ class PreparedJob:
     empty: int  # studies final at registration: no views, or names that cannot be stored
     study_ids: tuple[int, ...]  # the studies to classify
     skipped: int = 0  # studies left out: already scored with this model by an earlier job
+    left_out: str | None = None  # one line on the DICOM objects left out (not radiographs)
 
 
-def done_with_model(*, session: Session, model_id: int, paths: Sequence[str]) -> set[str]:
-    """Those of `paths` that an earlier job already scored (status done) with this model."""
-    wanted = sorted(set(paths))
+def done_with_model(*, session: Session, model_id: int, keys: Sequence[str]) -> set[str]:
+    """Those of the study `keys` that an earlier job already scored (done) with this model."""
+    wanted = sorted(set(keys))
     done: set[str] = set()
     # Asked in slices of the folder's own paths: the registry may hold millions of studies
     # scored with this model, and only these matter.
     for start in range(0, len(wanted), 500):
         done.update(session.scalars(
-            select(StudyRow.path).distinct()
+            select(StudyRow.key).distinct()
             .join(Job, Job.id == StudyRow.job_id)
             .where(Job.model_id == model_id, StudyRow.status == DONE,
-                   StudyRow.path.in_(wanted[start : start + 500]))
+                   StudyRow.key.in_(wanted[start : start + 500]))
         ))
     return done
 
@@ -74,19 +75,25 @@ def prepare_job(*, engine: Engine, root: str, model: Model, mode: str,
     out (failed and empty ones are tried again); `PreparedJob.skipped` counts them.
     """
     check_folder(root)  # BONEXRAY_DATA_ROOTS, symlinks resolved
-    found = list(studies) if studies is not None else find_studies(root)
+    scan = Scan(list(studies)) if studies is not None else scan_studies(root)
+    found = scan.studies
     root_abs = str(Path(root).expanduser().resolve())
     if not any(s.views for s in found):
-        raise StudyError(f"no view image under {root} ({len(found)} folders without one): a "
-                         "study is a folder of view images (.png, .jpg, ...), e.g. "
-                         "XR_WRIST/patient1/study1/image1.png")
+        left_out = f"; {scan.left_out}" if scan.left_out else ""
+        raise StudyError(f"no view image under {root} ({len(found)} folders without one"
+                         f"{left_out}): a study is a folder of view images (.png, .jpg, ...),"
+                         " e.g. XR_WRIST/patient1/study1/image1.png, or DICOM CR/DX files")
+    if scan.dicom is not None:
+        options = {**(options or {}), "dicom_left_out": {
+            "not_radiographs": dict(scan.dicom.not_radiographs),
+            "duplicates": scan.dicom.duplicates, "unreadable": scan.dicom.unreadable}}
     skipped = 0
     if skip_done:
         with session_scope(engine) as session:
             done = done_with_model(session=session, model_id=model.id,
-                                   paths=[s.path for s in found])
+                                   keys=[s.key for s in found])
         skipped = len(done)
-        found = [s for s in found if s.path not in done]
+        found = [s for s in found if s.key not in done]
         if not found:
             raise NothingToSend(root, skipped)
     with session_scope(engine) as session:
@@ -108,7 +115,7 @@ def prepare_job(*, engine: Engine, root: str, model: Model, mode: str,
     log.debug("job %d: root %s", job_id, root_abs)
     return PreparedJob(job_id=job_id, model_id=model.id, studies=len(found), views=n_views,
                        empty=len(found) - len(queued), study_ids=tuple(queued),
-                       skipped=skipped)
+                       skipped=skipped, left_out=scan.left_out)
 
 
 def chunked(ids: Sequence[int], size: int) -> Iterator[list[int]]:

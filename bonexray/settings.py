@@ -98,6 +98,10 @@ class Settings:
     # Folders (separated by ":") that jobs may read; empty = no confinement. Paths outside
     # them, and symlinks leading out of them, are refused (bonexray.security).
     data_roots: str = ""
+    # The secret key of the keyed hash (HMAC-SHA256) under which a DICOM PatientID is
+    # stored (studies.patient); empty: the patient is not stored at all. Keep it out of the
+    # database, and the same wherever jobs are enqueued, so that a patient's studies match.
+    patient_key: str = dataclasses.field(default="", repr=False)
     log_level: str = "INFO"
     # "text" for a terminal, "json" for JSON lines (one object per record) for a fleet.
     log_format: str = "text"

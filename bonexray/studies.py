@@ -1,4 +1,5 @@
-"""Find studies (folders of views) under a root: MURA layout and CSVs, or any plain folder."""
+"""Find studies under a root: folders of view images (MURA layout and CSVs, or any plain
+folder), and DICOM files grouped by StudyInstanceUID and body part (bonexray.dicom_studies)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bonexray.dicom_studies import (
+    DicomScan,
+    describe_left_out,
+    dicomdir_files,
+    group_studies,
+    is_dicomdir,
+    walk_dicom,
+)
 from bonexray.errors import BonexrayError
 from bonexray.imaging import is_view_file
 
@@ -28,14 +37,19 @@ class StudyError(BonexrayError, ValueError):
 
 @dataclass(frozen=True)
 class Study:
-    """One study: a folder of views of one body part of one patient."""
+    """One study: views of one body part of one patient. `key` names it: the absolute folder
+    path for image folders, "StudyInstanceUID/body part" for DICOM."""
 
-    path: str  # absolute folder path
+    key: str
     views: tuple[str, ...] = field(default_factory=tuple)  # absolute file paths, sorted
     body_part: str | None = None
-    patient: str | None = None
+    patient: str | None = None  # DICOM: a keyed hash of the PatientID, or None
     label: int | None = None  # 1 abnormal, 0 normal, None unknown
     split: str | None = None  # train / valid / test when the layout says so
+    # DICOM only: the StudyInstanceUID, AccessionNumber, and each view's SOPInstanceUID.
+    study_uid: str | None = None
+    accession: str | None = None
+    view_uids: tuple[str | None, ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -113,27 +127,63 @@ def _read_mura_csvs(root: Path) -> tuple[dict[str, int], dict[str, set[str]]]:
     return labels, listed
 
 
-def find_studies(root: str | Path) -> list[Study]:
-    """Every study under `root`, sorted by path.
+@dataclass(frozen=True)
+class Scan:
+    """The studies under a root, and what its DICOM files left out (None: no DICOM)."""
 
-    A study is a folder that holds view files directly, or a leaf folder (no sub-folders)
-    without any: that one is returned with no views so that it is reported, not lost.
-    Views are files with a view extension, hidden files excepted, whatever their content
-    (an undecodable one fails later, at decode, with its own error). MURA CSVs beside the
-    data add labels and name views that are missing on disk (those then fail as missing).
+    studies: list[Study]
+    dicom: DicomScan | None = None
+
+    @property
+    def left_out(self) -> str | None:
+        """One line on the DICOM objects left out, or None."""
+        return describe_left_out(self.dicom) if self.dicom is not None else None
+
+
+def find_studies(root: str | Path) -> list[Study]:
+    """Every study under `root` (see scan_studies)."""
+    return scan_studies(root).studies
+
+
+def scan_studies(root: str | Path, *, patient_key: str | None = None) -> Scan:
+    """Every study under `root` (a folder, or a DICOMDIR file), sorted by key.
+
+    Image folders: a study is a folder that holds view files directly, or a leaf folder
+    (no sub-folders) without any view or DICOM file: that one is returned with no views so
+    that it is reported, not lost. Views are files with a view extension, hidden files
+    excepted, whatever their content (an undecodable one fails later, at decode, with its
+    own error). MURA CSVs beside the data add labels and name views that are missing on
+    disk (those then fail as missing).
+
+    DICOM files (by name, or by the preamble for a name without an image extension)
+    wherever they lie are grouped by StudyInstanceUID and body part from their headers
+    (bonexray.dicom_studies); `patient_key` (default: the settings') keys the PatientID
+    hash.
     """
     root_path = Path(root).expanduser()
     if not root_path.exists():
         raise StudyError(f"folder not found: {root_path}")
+    if patient_key is None:
+        from bonexray.settings import get_settings
+
+        patient_key = get_settings().patient_key
+    if root_path.is_file() and is_dicomdir(root_path):
+        scan = group_studies(dicomdir_files(root_path), patient_key=patient_key)
+        return Scan(studies=_dicom_studies(scan), dicom=scan)
     if not root_path.is_dir():
-        raise StudyError(f"not a folder: {root_path}")
+        raise StudyError(f"not a folder (or a DICOMDIR): {root_path}")
     root_path = root_path.resolve()
     labels, listed = _read_mura_csvs(root_path)
 
     found: dict[str, list[str]] = {}
+    dicom_files: list[str] = []
     for dirpath, dirnames, filenames in _walk(root_path):
         views = [os.path.join(dirpath, f) for f in filenames if is_view_file(f)]
-        if views or not dirnames:
+        others = [os.path.join(dirpath, f) for f in filenames
+                  if not f.startswith(".") and not is_view_file(f)]
+        dicom = walk_dicom(others)
+        dicom_files.extend(dicom)
+        if views or (not dirnames and not dicom):
             found[dirpath] = views
     for study_path, view_paths in listed.items():
         if study_path in found or Path(study_path).is_relative_to(root_path):
@@ -145,12 +195,13 @@ def find_studies(root: str | Path) -> list[Study]:
             found.setdefault(study_path, [])
 
     studies = []
+    dicom_scan = group_studies(dicom_files, patient_key=patient_key) if dicom_files else None
     for path in sorted(found):
         info = describe_path(path)
         label = labels.get(path, info["label"])
         studies.append(
             Study(
-                path=path,
+                key=path,
                 views=tuple(sorted(found[path])),
                 body_part=info["body_part"],  # type: ignore[arg-type]
                 patient=info["patient"],  # type: ignore[arg-type]
@@ -158,7 +209,16 @@ def find_studies(root: str | Path) -> list[Study]:
                 split=info["split"],  # type: ignore[arg-type]
             )
         )
-    return studies
+    if dicom_scan is not None:
+        studies = sorted(studies + _dicom_studies(dicom_scan), key=lambda s: s.key)
+    return Scan(studies=studies, dicom=dicom_scan)
+
+
+def _dicom_studies(scan: DicomScan) -> list[Study]:
+    return [Study(key=key, views=tuple(path for path, _ in views), body_part=part,
+                  patient=patient, study_uid=uid, accession=accession,
+                  view_uids=tuple(uid for _, uid in views))
+            for key, uid, accession, patient, part, views in scan.studies]
 
 
 def seeded_rank(seed: int, key: str) -> str:

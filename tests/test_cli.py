@@ -17,7 +17,7 @@ def make_queued_job(url: str) -> int:
         model = store.register_model(session=session, path="/models/m.onnx", sha256="a" * 64,
                                      meta={"architecture": "test"})
         job = store.create_job(session=session, root="/data", model_id=model.id,
-                               studies=[Study(path="/data/s1", views=("/data/s1/v.png",))],
+                               studies=[Study(key="/data/s1", views=("/data/s1/v.png",))],
                                mode="celery", options={})
         session.flush()
         return int(job.id)

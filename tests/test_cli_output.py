@@ -51,9 +51,9 @@ def a_job(tmp: str = "") -> int:
         from bonexray.db.tables import Study, View
 
         study = session.scalars(select(Study).where(Study.job_id == job, Study.status == "done")
-                                .order_by(Study.path)).first()
+                                .order_by(Study.key)).first()
         assert study is not None
-        session.add(View(study_id=study.id, path=f"{study.path}/image2.png", error=VIEW_ERROR))
+        session.add(View(study_id=study.id, source=f"{study.key}/image2.png", error=VIEW_ERROR))
         study.partial = True
     return job
 
@@ -128,7 +128,7 @@ def test_count_job_results_matches_the_filtered_listing(url: str) -> None:
     engine = open_database(get_settings().database_url)
     with session_scope(engine) as session:
         for filters in ({}, {"body_part": "hand"}, {"status": "failed"},
-                        {"min_score": 0.5}, {"path": "*XR_WRIST*"}):
+                        {"min_score": 0.5}, {"study": "*XR_WRIST*"}):
             rows = query.job_results(session=session, job_id=job, **filters)
             assert query.count_job_results(session=session, job_id=job, **filters) \
                 == len(rows), filters

@@ -45,15 +45,15 @@ def check_every_study_scored(url: str, job_id: int, folder: Path) -> None:
         rows = job_results(session=session, job_id=job_id)
         progress = job_progress(session=session, job_id=job_id)
     assert progress["finished"] and progress["queued"] == 0
-    assert sorted(r["study"] for r in rows) == sorted(s.path for s in expected)
-    by_path = {s.path: s for s in expected}
+    assert sorted(r["study"] for r in rows) == sorted(s.key for s in expected)
+    by_path = {s.key: s for s in expected}
     for row in rows:
         study = by_path[row["study"]]
         assert row["status"] == "done", row
         assert 0.0 <= row["score"] <= 1.0
         assert row["prediction"] in ("normal", "abnormal")
         assert row["label"] == study.label and row["body_part"] == study.body_part
-        assert sorted(v["path"] for v in row["views"]) == sorted(study.views)
+        assert sorted(v["source"] for v in row["views"]) == sorted(study.views)
         assert all(v["prob"] is not None and v["error"] is None for v in row["views"])
         mean = sum(v["prob"] for v in row["views"]) / len(row["views"])
         assert row["score"] == pytest.approx(mean, abs=1e-6)

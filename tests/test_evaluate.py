@@ -64,7 +64,7 @@ def make_job(session: Session, *, threshold: float = 0.5, model_path: str = "/m/
     """A job whose studies have the given labels and scores (no model run)."""
     model = store.register_model(session=session, path=model_path, sha256=sha256,
                                  meta={"threshold": repr(threshold)})
-    found = [FoundStudy(path=f"{root}/{p}",
+    found = [FoundStudy(key=f"{root}/{p}",
                         views=tuple((views or {}).get(p, [f"{root}/{p}/image1.png"])),
                         body_part=part, label=label) for p, part, label, _ in specs]
     job = store.create_job(session=session, root=root, model_id=model.id, studies=found,
@@ -74,11 +74,11 @@ def make_job(session: Session, *, threshold: float = 0.5, model_path: str = "/m/
     for study, (_, _, _, score) in zip(found, specs, strict=True):
         if score is None:
             vr = tuple(ViewResult(v, None, "cannot decode") for v in study.views)
-            results.append(StudyResult(ids[study.path], study.path, "failed", None, None, vr,
+            results.append(StudyResult(ids[study.key], study.key, "failed", None, None, vr,
                                        "no view could be scored"))
         else:
             vr = tuple(ViewResult(v, score) for v in study.views)
-            results.append(StudyResult(ids[study.path], study.path, "done", score,
+            results.append(StudyResult(ids[study.key], study.key, "done", score,
                                        "abnormal" if score >= threshold else "normal", vr))
     store.save_results(session=session, job_id=job.id, results=results, worker="w")
     store.finish_job_if_done(session=session, job_id=job.id)
@@ -247,7 +247,7 @@ def test_export_predictions_in_mura_format(db_url: str, tmp_path: Path) -> None:
 def test_results_filters_and_jobs_command(db_url: str) -> None:
     with session_scope(open_database(db_url)) as s:
         job_id = make_job(s)
-    code, out, err = invoke("results", str(job_id), "--format", "json", "--path", "xr_wrist",
+    code, out, err = invoke("results", str(job_id), "--format", "json", "--study", "xr_wrist",
                             "--min-score", "0.5", "--order", "-score", "--limit", "4")
     assert code == 0, err
     rows = json.loads(out)
@@ -276,8 +276,8 @@ def test_status_wait_follows_then_exits_1_on_failures(db_url: str) -> None:
         model = store.register_model(session=s, path="/m.onnx", sha256="cd" * 32, meta={})
         job = store.create_job(session=s, root="/r", model_id=model.id, mode="embedded",
                                options={}, studies=[
-                                   FoundStudy(path="/r/a", views=("/r/a/1.png",)),
-                                   FoundStudy(path="/r/b", views=("/r/b/1.png",))])
+                                   FoundStudy(key="/r/a", views=("/r/a/1.png",)),
+                                   FoundStudy(key="/r/b", views=("/r/b/1.png",))])
         s.flush()
         job_id = job.id
         (first, _), (second, _) = store.queued_studies(session=s, job_id=job_id)
@@ -442,8 +442,8 @@ def test_partial_studies_are_counted_and_can_be_left_out(session: Session) -> No
     job_id = make_job(session)
     outcomes = query.study_outcomes(session=session, job_id=job_id)
     labelled = [o for o in outcomes if o["label"] is not None and o["score"] is not None]
-    partial_path = labelled[0]["path"]
-    session.execute(update(Study).where(Study.path == partial_path).values(partial=True))
+    partial_path = labelled[0]["study"]
+    session.execute(update(Study).where(Study.key == partial_path).values(partial=True))
     every = evaluate_job(session=session, job_id=job_id, resamples=50, save=False)
     assert every.figures["overall"]["partial"] == 1
     assert every.figures["overall"]["partial_excluded"] is False

@@ -120,7 +120,7 @@ def test_import_writes_mura_layout_and_reports_defects(fracatlas: Path, tmp_path
     manifest = {row["path"]: row for row in _manifest(out)}
     for s in studies:
         assert len(s.views) == 1 and s.views[0].endswith("/image1.jpg")
-        assert Path(s.path).name.endswith("positive" if s.label else "negative")
+        assert Path(s.key).name.endswith("positive" if s.label else "negative")
         row = manifest[Path(s.views[0]).relative_to(out).as_posix()]
         assert row["group"] == s.patient and row["split"] == s.split
         truth = (fracatlas / "images" / ("Fractured" if s.label else "Non_fractured")

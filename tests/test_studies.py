@@ -19,7 +19,7 @@ def _view(path: Path) -> Path:
 
 
 def _by_name(studies: list[Study], root: Path) -> dict[str, Study]:
-    return {Path(s.path).relative_to(root.resolve()).as_posix(): s for s in studies}
+    return {Path(s.key).relative_to(root.resolve()).as_posix(): s for s in studies}
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def mura(tmp_path: Path) -> Path:
 
 def test_mura_layout(mura: Path) -> None:
     studies = find_studies(mura)
-    assert [s.path for s in studies] == sorted(s.path for s in studies)
+    assert [s.key for s in studies] == sorted(s.key for s in studies)
     found = _by_name(studies, mura)
     assert sorted(found) == [
         "train/XR_ELBOW/patient00002/study1_negative",
@@ -53,7 +53,7 @@ def test_mura_layout(mura: Path) -> None:
     assert wrist.views == tuple(str(mura.resolve() / "train/XR_WRIST/patient00001/"
                                     f"study1_positive/image{k}.png") for k in (1, 2))
     assert all(os.path.isabs(v) for s in studies for v in s.views)
-    assert os.path.isabs(wrist.path)
+    assert os.path.isabs(wrist.key)
     elbow = found["train/XR_ELBOW/patient00002/study1_negative"]
     assert (elbow.label, elbow.body_part, elbow.patient) == (0, "elbow", "00002")
     shoulder = found["valid/XR_SHOULDER/patient11185/study1_positive"]
@@ -133,7 +133,7 @@ def test_plain_folder_of_images_is_one_study(tmp_path: Path) -> None:
     studies = find_studies(tmp_path)
     assert len(studies) == 1
     study = studies[0]
-    assert study.path == str(tmp_path.resolve())
+    assert study.key == str(tmp_path.resolve())
     assert [Path(v).name for v in study.views] == ["a.png", "b.jpg"]
     assert study.label is None and study.patient is None and study.body_part is None
 
@@ -191,7 +191,7 @@ def test_names_with_spaces_and_non_ascii(tmp_path: Path) -> None:
     studies = find_studies(tmp_path)
     assert len(studies) == 1
     study = studies[0]
-    assert study.path == str(folder.resolve())
+    assert study.key == str(folder.resolve())
     assert sorted(Path(v).name for v in study.views) == ["vue 1 – face.png", "画像2.jpg"]
     assert all(Path(v).is_file() for v in study.views)
     assert study.label == 1 and study.body_part == "wrist" and study.patient == " 0007 é"
@@ -226,7 +226,7 @@ def test_root_that_is_a_single_study_folder(mura: Path) -> None:
     studies = find_studies(folder)
     assert len(studies) == 1
     study = studies[0]
-    assert study.path == str(folder.resolve())
+    assert study.key == str(folder.resolve())
     assert (study.label, study.body_part, study.patient, study.split) == (
         1, "shoulder", "11185", "valid")
     assert len(study.views) == 2
@@ -235,4 +235,4 @@ def test_root_that_is_a_single_study_folder(mura: Path) -> None:
 def test_root_given_relative(mura: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(mura.parent)
     studies = find_studies(mura.name)
-    assert len(studies) == 4 and all(os.path.isabs(s.path) for s in studies)
+    assert len(studies) == 4 and all(os.path.isabs(s.key) for s in studies)

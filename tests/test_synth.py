@@ -52,7 +52,7 @@ def test_layout_is_found_with_labels_parts_patients_and_splits(tree) -> None:
         assert {s.label for s in found} == {0, 1}
     patients: dict[str, set[str | None]] = {}
     for s in studies:
-        path = Path(s.path)
+        path = Path(s.key)
         assert path.parts[-4] == s.split
         assert path.parts[-3] == f"XR_{s.body_part.upper()}"
         assert path.parts[-2] == f"patient{s.patient}"
@@ -68,7 +68,7 @@ def test_layout_is_found_with_labels_parts_patients_and_splits(tree) -> None:
 
 def test_csvs_follow_mura(tree) -> None:
     out, summary = tree
-    studies = {s.path: s for s in find_studies(out)}
+    studies = {s.key: s for s in find_studies(out)}
     rows = 0
     for split in ("train", "valid"):
         with (out / f"{split}_labeled_studies.csv").open(newline="") as fh:

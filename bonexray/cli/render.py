@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
@@ -106,6 +107,14 @@ def fig(value: float | None, digits: int = 3) -> str:
 
 def text(value: Any) -> str:
     return "" if value is None else str(value)
+
+
+def study_label(key: str, root: str) -> str:
+    """A study's key as shown: a folder path relative to the job's root when it lies under
+    it; a DICOM key (StudyInstanceUID/part) or any other key as it is."""
+    if os.path.isabs(key) and (key == root or key.startswith(root.rstrip("/") + "/")):
+        return os.path.relpath(key, root)
+    return key
 
 
 def middle(value: str, width: int) -> str:

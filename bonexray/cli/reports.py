@@ -19,6 +19,7 @@ from bonexray.cli.render import (
     n_of_m,
     output_format,
     print_table,
+    study_label,
     table,
     text,
     utc,
@@ -42,10 +43,12 @@ RESULT_COLUMNS = ("study", "body_part", "label", "score", "prediction", "status"
               help="Only studies scoring at least this.")
 @click.option("--max-score", type=click.FloatRange(0, 1), default=None,
               help="Only studies scoring at most this.")
-@click.option("--path", "path_pattern", default=None, metavar="PATTERN",
-              help="Only study paths containing PATTERN (* and ? wildcards, any case).")
-@click.option("--order", type=click.Choice(["path", "score", "-score"]), default="path",
-              show_default=True, help="Sort by path, or by score (-score: highest first).")
+@click.option("--study", "--path", "study_pattern", default=None, metavar="PATTERN",
+              help="Only studies whose key (folder path, or StudyInstanceUID/part for DICOM) "
+                   "contains PATTERN (* and ? wildcards, any case).")
+@click.option("--order", type=click.Choice(["study", "score", "-score", "path"]),
+              default="study", show_default=True,
+              help="Sort by study key (path: the same), or by score (-score: highest first).")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="At most this many studies (default: all).")
 @click.option("--heatmaps", "heatmaps_dir", type=click.Path(file_okay=False), default=None,
@@ -54,7 +57,7 @@ RESULT_COLUMNS = ("study", "body_part", "label", "score", "prediction", "status"
 @user_errors
 def results(job: int | None, database_url: str | None, fmt: str, body_part: str | None,
             prediction: str | None, study_status: str | None, min_score: float | None,
-            max_score: float | None, path_pattern: str | None, order: str,
+            max_score: float | None, study_pattern: str | None, order: str,
             limit: int | None, heatmaps_dir: str | None) -> None:
     """Study results of a job (the latest when JOB is omitted), with the reason of every
     failed study and view."""
@@ -66,9 +69,10 @@ def results(job: int | None, database_url: str | None, fmt: str, body_part: str 
     job_id = base.job_id(db, job)
     filters: dict[str, Any] = {"body_part": body_part, "prediction": prediction,
                                "status": study_status, "min_score": min_score,
-                               "max_score": max_score, "path": path_pattern}
+                               "max_score": max_score, "study": study_pattern}
     with session_scope(db) as session:
-        rows = job_results(session=session, job_id=job_id, limit=limit, order=order,
+        rows = job_results(session=session, job_id=job_id, limit=limit,
+                           order="study" if order == "path" else order,
                            **filters)
         total = (len(rows) if limit is None or len(rows) < limit
                  else count_job_results(session=session, job_id=job_id, **filters))
@@ -86,7 +90,7 @@ def _result_record(r: dict[str, Any]) -> dict[str, Any]:
     """One CSV row of a study: its views counted, their reasons as `view: reason; ...`."""
     failed = [v for v in r["views"] if v["error"] is not None]
     return {**r, "views": len(r["views"]), "views_failed": len(failed),
-            "view_errors": "; ".join(f"{os.path.basename(v['path'])}: {v['error']}"
+            "view_errors": "; ".join(f"{os.path.basename(v['source'])}: {v['error']}"
                                      for v in failed)}
 
 
@@ -100,7 +104,7 @@ def _print_results(job_id: int, root: str, rows: list[dict[str, Any]], total: in
                 if any(r["partial"] for r in rows) else None)
     problems: list[str] = []
     for r in rows:
-        study = os.path.relpath(r["study"], root)
+        study = study_label(r["study"], root)
         failed = [v for v in r["views"] if v["error"] is not None]
         views = f"{len(r['views']) - len(failed)}/{len(r['views'])}" if failed \
             else str(len(r["views"]))
@@ -110,7 +114,7 @@ def _print_results(job_id: int, root: str, rows: list[dict[str, Any]], total: in
         if r["error"]:
             problems.append(f"{study}: {r['error']}")
         for v in failed:
-            problems.append(f"{study}/{os.path.basename(v['path'])}: {v['error']}")
+            problems.append(f"{study}/{os.path.basename(v['source'])}: {v['error']}")
     print_table(out)
     if problems:
         click.echo(f"{len(problems)} failed studies or views:")
@@ -131,7 +135,7 @@ def _write_heatmaps(db: Any, job_id: int, rows: list[dict[str, Any]], out: str) 
         if job_row is None or model is None:
             raise JobNotFoundError(f"no job {job_id} in the database")
         root, model_path, sha = job_row.root, model.path, model.sha256
-    views = [v["path"] for r in rows for v in r["views"]]
+    views = [v["source"] for r in rows for v in r["views"]]
     done = write_heatmaps(model_path=model_path, expected_sha256=sha, views=views, root=root,
                           out_dir=out)
     click.echo(f"heatmaps: {len(done['written'])} written to {out}, {len(done['failed'])} "

@@ -44,7 +44,7 @@ def _with_progress(total: int, label: str, work: Callable[[Callable[[int], None]
 
 
 @cli.command(short_help="Classify a folder of studies in this process.")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("folder", type=click.Path(exists=True))
 @click.option("--model", "model_ref", required=True, help="model.onnx path or registered name.")
 @db_option
 @click.option("--chunk-size", type=click.IntRange(min=1), default=None,
@@ -55,7 +55,9 @@ def _with_progress(total: int, label: str, work: Callable[[Callable[[int], None]
 @user_errors
 def run(folder: str, model_ref: str, database_url: str | None, fmt: str,
         chunk_size: int | None, batch_size: int | None) -> None:
-    """Classify every study under FOLDER in this process (no broker): the embedded default."""
+    """Classify every study under FOLDER in this process (no broker): the embedded default.
+
+    FOLDER holds image folders or DICOM files (or is a DICOMDIR)."""
     from bonexray.jobs import prepare_job, run_embedded
     from bonexray.modelstore import resolve_model
     from bonexray.pipeline.chunks import get_classifier
@@ -72,6 +74,8 @@ def run(folder: str, model_ref: str, database_url: str | None, fmt: str,
     job = prepare_job(engine=db, root=folder, model=model, mode="embedded",
                       options={"chunk_size": settings.chunk_size,
                                "batch_size": settings.batch_size})
+    if job.left_out:
+        click.echo(f"note: {job.left_out}", err=True)
     start = time.perf_counter()
     _with_progress(len(job.study_ids), f"job {job.job_id}",
                    lambda advance: run_embedded(engine=db, job=job, settings=settings,
@@ -81,7 +85,7 @@ def run(folder: str, model_ref: str, database_url: str | None, fmt: str,
 
 
 @cli.command(short_help="Send a folder of studies to the workers.")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("folder", type=click.Path(exists=True))
 @click.option("--model", "model_ref", required=True, help="model.onnx path or registered name.")
 @db_option
 @broker_option
@@ -93,7 +97,9 @@ def run(folder: str, model_ref: str, database_url: str | None, fmt: str,
 @user_errors
 def enqueue(folder: str, model_ref: str, database_url: str | None, broker_url: str | None,
             fmt: str, chunk_size: int | None, force: bool) -> None:
-    """Register a job for every study under FOLDER and send its chunks to the workers."""
+    """Register a job for every study under FOLDER and send its chunks to the workers.
+
+    FOLDER holds image folders or DICOM files (or is a DICOMDIR)."""
     from bonexray.jobs import NothingToSend, check_broker, prepare_job, send_job
     from bonexray.modelstore import resolve_model
 
@@ -111,6 +117,8 @@ def enqueue(folder: str, model_ref: str, database_url: str | None, broker_url: s
         emit({"job": None, "studies": 0, "views": 0, "empty": 0, "chunks": 0,
               "skipped": nothing.skipped}, fmt, lambda: click.echo(message))
         return
+    if job.left_out:
+        click.echo(f"note: {job.left_out}", err=True)
     sent = _with_progress(len(job.study_ids), f"enqueue job {job.job_id}",
                           lambda advance: send_job(engine=db, job=job, settings=settings,
                                                    progress=advance))

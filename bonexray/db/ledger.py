@@ -137,7 +137,7 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
     _async_commit(session)
     rows = session.execute(
         select(Study.id, Study.claimed_by, Study.heartbeat_at, Study.attempts,
-               Study.decoding, Study.crashes, Study.n_views, Study.path)
+               Study.decoding, Study.crashes, Study.n_views, Study.key)
         .where(Study.id.in_(sorted(set(study_ids))), Study.job_id == job_id,
                Study.status == QUEUED)
         .order_by(Study.id)
@@ -173,7 +173,7 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
         updates.append({"b_id": row.id, "b_old_by": row.claimed_by,
                         "b_old_beat": row.heartbeat_at, "b_attempts": attempts,
                         "b_crashes": crashes, "b_decoding": decoding})
-        candidates[row.id] = (row.path, attempts > 1, crashes)
+        candidates[row.id] = (row.key, attempts > 1, crashes)
     won: set[int] = set()
     table = cast(Table, Study.__table__)  # Core statements, not ORM bulk updates
     # Each update is conditional on what was read: SQLite takes no row locks, and a second
@@ -213,7 +213,7 @@ def claim_studies(*, session: Session, job_id: int, study_ids: Sequence[int], wo
             .values(status=FAILED, error=error, worker=worker, finished_at=now,
                     claimed_by=None, heartbeat_at=None, decoding=None))
     for study_id, (view, reason) in crashed_views.items():
-        session.execute(update(View).where(View.study_id == study_id, View.path == view)
+        session.execute(update(View).where(View.study_id == study_id, View.source == view)
                         .values(prob=None, error=reason))
     tasks = _tasks_from_views(session, claimed)
     # A study queued by a bonexray older than the ledger has views but no view rows.
@@ -242,7 +242,7 @@ def _tasks_from_views(session: Session,
     pending: dict[int, list[str]] = {}
     failed: dict[int, list[tuple[str, str]]] = {}
     for study_id, path, error in session.execute(
-        select(View.study_id, View.path, View.error)
+        select(View.study_id, View.source, View.error)
         .where(View.study_id.in_([sid for sid, _, _ in claimed]))
         .order_by(View.study_id, View.id)
     ):
@@ -250,9 +250,9 @@ def _tasks_from_views(session: Session,
             pending.setdefault(study_id, []).append(path)
         else:
             failed.setdefault(study_id, []).append((path, error))
-    return tuple(StudyTask(id=sid, path=path, views=tuple(pending.get(sid, ())),
+    return tuple(StudyTask(id=sid, key=key, views=tuple(pending.get(sid, ())),
                            failed=tuple(failed.get(sid, ())))
-                 for sid, path, _ in claimed)
+                 for sid, key, _ in claimed)
 
 
 def heartbeat(*, session: Session, study_ids: Sequence[int], worker: str) -> int:

@@ -15,7 +15,7 @@ from bonexray.errors import InvalidValueError, JobNotFoundError
 from bonexray.pipeline.records import DONE, EMPTY, FAILED, QUEUED, STATUSES
 
 PREDICTIONS = ("normal", "abnormal")
-ORDERS = ("path", "score", "-score")
+ORDERS = ("study", "score", "-score")
 MIN_SHA_PREFIX = 8
 _MAX_ID = 2**31 - 1
 
@@ -24,7 +24,7 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def _by_path(session: Session, column: Any) -> Any:
+def _bytewise(session: Session, column: Any) -> Any:
     # Byte order on Postgres too, whatever the database's collation: the same order as
     # SQLite and as Python's sorted().
     if session.get_bind().dialect.name == "postgresql":
@@ -203,16 +203,16 @@ def job_progress(*, session: Session, job_id: int, lease_seconds: int = 30,
     }
 
 
-def path_pattern(pattern: str) -> str:
-    """A LIKE pattern for a study-path filter: `*` any run of characters, `?` one; matched
-    anywhere in the path (a pattern without wildcards is a substring)."""
+def key_pattern(pattern: str) -> str:
+    """A LIKE pattern for a study-key filter: `*` any run of characters, `?` one; matched
+    anywhere in the key (a pattern without wildcards is a substring)."""
     escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return "%" + escaped.replace("*", "%").replace("?", "_") + "%"
 
 
 def _result_conditions(*, job_id: int, body_part: str | None, prediction: str | None,
                        status: str | None, min_score: float | None, max_score: float | None,
-                       path: str | None) -> list[ColumnElement[bool]]:
+                       study: str | None) -> list[ColumnElement[bool]]:
     if prediction is not None and prediction not in PREDICTIONS:
         raise InvalidValueError(f"prediction {prediction!r} is not one of "
                                 f"{', '.join(PREDICTIONS)}")
@@ -229,19 +229,19 @@ def _result_conditions(*, job_id: int, body_part: str | None, prediction: str | 
         conditions.append(Study.score >= min_score)
     if max_score is not None:
         conditions.append(Study.score <= max_score)
-    if path is not None:
-        conditions.append(Study.path.ilike(path_pattern(path), escape="\\"))
+    if study is not None:
+        conditions.append(Study.key.ilike(key_pattern(study), escape="\\"))
     return conditions
 
 
 def count_job_results(*, session: Session, job_id: int, body_part: str | None = None,
                       prediction: str | None = None, status: str | None = None,
                       min_score: float | None = None, max_score: float | None = None,
-                      path: str | None = None) -> int:
+                      study: str | None = None) -> int:
     """How many studies job_results would return with these filters and no limit."""
     conditions = _result_conditions(job_id=job_id, body_part=body_part, prediction=prediction,
                                     status=status, min_score=min_score, max_score=max_score,
-                                    path=path)
+                                    study=study)
     return int(session.scalar(select(func.count()).select_from(Study).where(*conditions))
                or 0)
 
@@ -249,27 +249,27 @@ def count_job_results(*, session: Session, job_id: int, body_part: str | None = 
 def job_results(*, session: Session, job_id: int, body_part: str | None = None,
                 prediction: str | None = None, status: str | None = None,
                 limit: int | None = None, min_score: float | None = None,
-                max_score: float | None = None, path: str | None = None,
-                order: str = "path") -> list[dict[str, Any]]:
-    """A job's studies with their views, optionally filtered, by study path (or by score,
-    `score` ascending or `-score` descending, unscored studies last); views by path.
+                max_score: float | None = None, study: str | None = None,
+                order: str = "study") -> list[dict[str, Any]]:
+    """A job's studies with their views, optionally filtered, by study key (or by score,
+    `score` ascending or `-score` descending, unscored studies last); views by source.
 
-    Score bounds are inclusive and leave out unscored studies; `path` is a case-insensitive
-    pattern (see path_pattern). Two queries however many studies: the studies, then the
+    Score bounds are inclusive and leave out unscored studies; `study` is a case-insensitive
+    pattern on the key (see key_pattern). Two queries however many studies: the studies, then the
     views of those studies.
     """
     if order not in ORDERS:
         raise InvalidValueError(f"order {order!r} is not one of {', '.join(ORDERS)}")
     conditions = _result_conditions(job_id=job_id, body_part=body_part, prediction=prediction,
                                     status=status, min_score=min_score, max_score=max_score,
-                                    path=path)
-    ordering: list[Any] = [_by_path(session, Study.path)]
-    if order != "path":
+                                    study=study)
+    ordering: list[Any] = [_bytewise(session, Study.key)]
+    if order != "study":
         ordering = [Study.score.is_(None),
                     Study.score.desc() if order == "-score" else Study.score, *ordering]
 
     studies = session.execute(
-        select(Study.id, Study.path, Study.body_part, Study.label, Study.score,
+        select(Study.id, Study.key, Study.body_part, Study.label, Study.score,
                Study.prediction, Study.status, Study.partial, Study.error)
         .where(*conditions)
         .order_by(*ordering)
@@ -283,16 +283,16 @@ def job_results(*, session: Session, job_id: int, body_part: str | None = None,
     if limit is not None:
         chosen = chosen.order_by(*ordering).limit(limit)
     views: dict[int, list[dict[str, Any]]] = {}
-    for study_id, path, prob, error in session.execute(
-        select(View.study_id, View.path, View.prob, View.error)
+    for study_id, source, prob, error in session.execute(
+        select(View.study_id, View.source, View.prob, View.error)
         .where(View.study_id.in_(chosen))
-        .order_by(View.study_id, _by_path(session, View.path))
+        .order_by(View.study_id, _bytewise(session, View.source))
     ):
-        views.setdefault(study_id, []).append({"path": path, "prob": prob, "error": error})
+        views.setdefault(study_id, []).append({"source": source, "prob": prob, "error": error})
 
     return [
         {
-            "study": s.path,
+            "study": s.key,
             "body_part": s.body_part,
             "label": s.label,
             "score": s.score,
@@ -333,13 +333,13 @@ def job_timings(*, session: Session, job_ids: list[int]) -> dict[int, dict[str, 
 
 
 def study_outcomes(*, session: Session, job_id: int) -> list[dict[str, Any]]:
-    """Every study of a job as {path, body_part, label, score, status, partial}, by path:
+    """Every study of a job as {study (its key), body_part, label, score, status, partial}, by key:
     what an evaluation compares."""
     rows = session.execute(
-        select(Study.path, Study.body_part, Study.label, Study.score, Study.status,
+        select(Study.key.label("study"), Study.body_part, Study.label, Study.score, Study.status,
                Study.partial)
         .where(Study.job_id == job_id)
-        .order_by(_by_path(session, Study.path))
+        .order_by(_bytewise(session, Study.key))
     )
     return [dict(row._mapping) for row in rows]
 

@@ -103,14 +103,16 @@ def create_job(*, session: Session, root: str, model_id: int, studies: Sequence[
     session.add(job)
     session.flush()
     rows = []
-    views_by_path: dict[str, list[dict[str, Any]]] = {}
+    views_by_key: dict[str, list[dict[str, Any]]] = {}
     for s in studies:
-        path, path_ok = storable_path(s.path)
+        key, key_ok = storable_path(s.key)
         views = []
-        for view in s.views:
+        uids = s.view_uids or (None,) * len(s.views)
+        for view, sop_uid in zip(s.views, uids, strict=True):
             text, ok = storable_path(view)
-            views.append({"path": text, "prob": None, "error": None if ok else NOT_UTF8_FILE})
-        if not path_ok:
+            views.append({"source": text, "sop_uid": sop_uid, "prob": None,
+                          "error": None if ok else NOT_UTF8_FILE})
+        if not key_ok:
             status, error = FAILED, NOT_UTF8_FOLDER
             views = []
         elif not views:
@@ -120,10 +122,12 @@ def create_job(*, session: Session, root: str, model_id: int, studies: Sequence[
                                     f"{NOT_UTF8_FILE}"
         else:
             status, error = QUEUED, None
-        views_by_path[path] = views
+        views_by_key[key] = views
         rows.append({
             "job_id": job.id,
-            "path": path,
+            "key": key,
+            "study_uid": s.study_uid,
+            "accession": s.accession,
             "body_part": s.body_part,
             "patient": s.patient,
             "label": s.label,
@@ -136,22 +140,22 @@ def create_job(*, session: Session, root: str, model_id: int, studies: Sequence[
         })
     if rows:
         # One executemany (batched multi-row VALUES), not an ORM unit of work per study.
-        ids = session.execute(insert(Study).returning(Study.id, Study.path), rows).all()
+        ids = session.execute(insert(Study).returning(Study.id, Study.key), rows).all()
         view_rows = [{"study_id": study_id, **view}
-                     for study_id, path in ids for view in views_by_path[path]]
+                     for study_id, key in ids for view in views_by_key[key]]
         if view_rows:
             session.execute(insert(View), view_rows)
     return job
 
 
 def queued_studies(*, session: Session, job_id: int) -> list[tuple[int, str]]:
-    """(id, path) of the job's studies still waiting for a result, by id."""
+    """(id, key) of the job's studies still waiting for a result, by id."""
     rows = session.execute(
-        select(Study.id, Study.path)
+        select(Study.id, Study.key)
         .where(Study.job_id == job_id, Study.status == QUEUED)
         .order_by(Study.id)
     )
-    return [(row.id, row.path) for row in rows]
+    return [(row.id, row.key) for row in rows]
 
 
 def _dialect_insert(session: Session, table: Table) -> Any:
@@ -167,7 +171,7 @@ def _upsert_views(session: Session, rows: list[dict[str, Any]]) -> None:
     table = _VIEWS
     stmt: Any = _dialect_insert(session, table)
     stmt = stmt.on_conflict_do_update(
-        index_elements=[table.c.study_id, table.c.path],
+        index_elements=[table.c.study_id, table.c.source],
         set_={"prob": stmt.excluded.prob, "error": stmt.excluded.error},
     )
     session.execute(stmt, rows)
@@ -223,7 +227,7 @@ def save_results(*, session: Session, job_id: int, results: Sequence[StudyResult
     views: dict[tuple[int, str], dict[str, Any]] = {}
     for r in results:
         for v in r.views:
-            views[(r.study_id, v.path)] = {"study_id": r.study_id, "path": v.path,
+            views[(r.study_id, v.source)] = {"study_id": r.study_id, "source": v.source,
                                            "prob": v.prob, "error": v.error}
     if views:
         _upsert_views(session, [views[k] for k in sorted(views)])

@@ -111,12 +111,17 @@ class Job(Base):
 
 
 class Study(Base):
-    """A study of a job: its folder, what is known about it, its lease while a worker holds
-    it, and its result once scored."""
+    """A study of a job: its key, what is known about it, its lease while a worker holds
+    it, and its result once scored.
+
+    The key is the study folder's path for image folders, and "StudyInstanceUID/body part"
+    for DICOM (a study that mixes body parts is one row per part). `patient` is the folder
+    layout's patient id, or for DICOM a keyed hash of the PatientID (never the id itself).
+    """
 
     __tablename__ = "studies"
     __table_args__ = (
-        UniqueConstraint("job_id", "path"),
+        UniqueConstraint("job_id", "key"),
         # Progress counts and the queued-studies scan go by (job, status).
         Index(None, "job_id", "status"),
         # The reaper's scan: unfinished studies of every job.
@@ -125,7 +130,10 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    path: Mapped[str] = mapped_column(Text)
+    key: Mapped[str] = mapped_column(Text)
+    # DICOM only: identifiers, never names or dates.
+    study_uid: Mapped[str | None] = mapped_column(String(64))
+    accession: Mapped[str | None] = mapped_column(String(64))
     body_part: Mapped[str | None] = mapped_column(String(64))
     patient: Mapped[str | None] = mapped_column(String(255))
     label: Mapped[int | None] = mapped_column(Integer)
@@ -153,15 +161,17 @@ class Study(Base):
 
 
 class View(Base):
-    """One image of a study and its abnormality probability (or why it has none)."""
+    """One image of a study and its abnormality probability (or why it has none). Its source
+    is the file it is read from; DICOM views also keep their SOPInstanceUID."""
 
     __tablename__ = "views"
-    # The unique (study_id, path) index also serves lookups by study_id.
-    __table_args__ = (UniqueConstraint("study_id", "path"),)
+    # The unique (study_id, source) index also serves lookups by study_id.
+    __table_args__ = (UniqueConstraint("study_id", "source"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
-    path: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text)
+    sop_uid: Mapped[str | None] = mapped_column(String(64))
     prob: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
 

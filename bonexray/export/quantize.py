@@ -109,7 +109,7 @@ def member_splits(members: Sequence[Member]) -> tuple[list[Study], list[Study], 
         return split.train, split.valid, str(data)
     root = Path(str(data))
     wanted = {p if Path(p).is_absolute() else str((root / p).resolve()) for p in recorded}
-    valid = [s for s in found if s.path in wanted and s.label is not None]
+    valid = [s for s in found if s.key in wanted and s.label is not None]
     if len(valid) != len(wanted):
         log.warning("%d of the %d validation studies the checkpoint records are not under "
                     "%s now", len(wanted) - len(valid), len(wanted), data)

@@ -51,17 +51,17 @@ def study_result(task: StudyTask, views: tuple[ViewResult, ...], *, threshold: f
     """A study's result from its settled views: scored from those that have a probability
     (partial when others failed), failed when none has, empty without views."""
     if not views:
-        return StudyResult(task.id, task.path, EMPTY, None, None, (),
+        return StudyResult(task.id, task.key, EMPTY, None, None, (),
                            "no views: the folder holds no .png/.jpg/.jpeg files")
     scored = [v.prob for v in views if v.prob is not None]
     if not scored:
         reasons = sorted({v.error for v in views if v.error})
         detail = f": {reasons[0]}" if len(reasons) == 1 else ""
-        return StudyResult(task.id, task.path, FAILED, None, None, views,
+        return StudyResult(task.id, task.key, FAILED, None, None, views,
                            f"no view could be scored: all {len(views)} failed{detail}")
     score = aggregate(scored, how)
     prediction = "abnormal" if score >= threshold else "normal"
-    return StudyResult(task.id, task.path, DONE, score, prediction, views,
+    return StudyResult(task.id, task.key, DONE, score, prediction, views,
                        partial=len(scored) < len(views))
 
 
@@ -115,10 +115,10 @@ def classify_studies(
 
     def finish(t: int) -> StudyResult:
         task, first = tasks[t], ends[t] - len(tasks[t].views)
-        view_results = tuple(ViewResult(path=path, prob=view_probs.get(first + k),
+        view_results = tuple(ViewResult(source=path, prob=view_probs.get(first + k),
                                         error=view_errors.get(first + k))
                              for k, path in enumerate(task.views))
-        view_results += tuple(ViewResult(path=path, prob=None, error=error)
+        view_results += tuple(ViewResult(source=path, prob=None, error=error)
                               for path, error in task.failed)
         return study_result(task, view_results, threshold=threshold, how=how)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 QUEUED = "queued"
 DONE = "done"  # scored: at least one view decoded and classified
 FAILED = "failed"  # no view could be scored, or the study could not be processed
-EMPTY = "empty"  # the study folder holds no views
+EMPTY = "empty"  # the study has no views
 STATUSES = (QUEUED, DONE, FAILED, EMPTY)
 FINISHED = (DONE, FAILED, EMPTY)
 
@@ -20,14 +20,14 @@ class StudyTask:
     their reasons, which count towards the study's result without being read again."""
 
     id: int
-    path: str
-    views: tuple[str, ...]
+    key: str
+    views: tuple[str, ...]  # sources
     failed: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class ViewResult:
-    path: str
+    source: str
     prob: float | None  # None when the view failed
     error: str | None = None
 
@@ -35,7 +35,7 @@ class ViewResult:
 @dataclass(frozen=True)
 class StudyResult:
     study_id: int
-    path: str
+    key: str
     status: str
     score: float | None
     prediction: str | None  # "normal" / "abnormal" / None

@@ -72,7 +72,7 @@ class ViewDataset(Dataset[tuple[torch.Tensor, float, int]]):
     def __init__(self, studies: Sequence[Study], *, image_size: int,
                  resize: str = DEFAULT_RESIZE, augment: TrainAugment | None = None,
                  check: bool = True, seed: int = 0) -> None:
-        unlabelled = [s.path for s in studies if s.label is None]
+        unlabelled = [s.key for s in studies if s.label is None]
         if unlabelled:
             raise InvalidValueError(
                 f"{len(unlabelled)} studies have no label (e.g. {unlabelled[0]}); "

@@ -254,8 +254,8 @@ class Split:
         """What the checkpoint keeps: the rule, counts, and the validation and test study
         folders (relative to the data folder where they lie under it)."""
         def rel(s: Study) -> str:
-            path = Path(s.path)
-            return path.relative_to(root).as_posix() if path.is_relative_to(root) else s.path
+            path = Path(s.key)
+            return path.relative_to(root).as_posix() if path.is_relative_to(root) else s.key
 
         return {"method": self.method, "seed": seed, "data": str(root),
                 "train_studies": len(self.train), "train_patients": _patients(self.train),
@@ -265,7 +265,7 @@ class Split:
 
 def _patient_key(s: Study) -> str:
     """A study's patient: the layout's patient folder, else the study itself."""
-    return s.patient if s.patient is not None else s.path
+    return s.patient if s.patient is not None else s.key
 
 
 def _patients(studies: Sequence[Study]) -> int:
@@ -288,7 +288,7 @@ def split_studies(studies: Sequence[Study], seed: int,
     held_test = list(test) if test else [s for s in labelled if s.split == "test"]
     valid = [s for s in labelled if s.split == "valid"]
     train = [s for s in labelled if s.split in ("train", None)]
-    overlap = {s.path for s in held_test} & {s.path for s in train + valid}
+    overlap = {s.key for s in held_test} & {s.key for s in train + valid}
     if overlap:
         raise TrainError(f"{len(overlap)} test studies are also train or validation studies "
                          f"(e.g. {sorted(overlap)[0]})")
@@ -442,7 +442,7 @@ def predict_studies(model: nn.Module, loader: DataLoader[Any], dataset: ViewData
     ids = sorted(scores)  # type: ignore[type-var]
     studies = [dataset.studies[int(i)] for i in ids]  # type: ignore[call-overload]
     return {"labels": [int(s.label or 0) for s in studies], "scores": [scores[i] for i in ids],
-            "studies": [s.path for s in studies],
+            "studies": [s.key for s in studies],
             "parts": [s.body_part or "unknown" for s in studies],
             "loss": loss_sum / n if n else float("nan"), "views": n}
 

@@ -18,7 +18,7 @@ def make_studies(n: int, *, views: int = 2, empty: tuple[int, ...] = (),
         path = f"{root}/XR_WRIST/patient{i:05d}/study1_{'positive' if i % 2 else 'negative'}"
         n_views = 0 if i in empty else views
         studies.append(FoundStudy(
-            path=path,
+            key=path,
             views=tuple(f"{path}/image{j + 1}.png" for j in range(n_views)),
             body_part="wrist", patient=f"{i:05d}", label=i % 2,
         ))

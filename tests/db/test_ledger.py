@@ -55,8 +55,8 @@ def test_claim_reads_views_from_sql_and_excludes_live_leases(session: Session,
     ids = _ids(session, job)
     first = _claim(session, job, ids[:2] + _ids(session, other), "host-a:1")
     assert [t.id for t in first.tasks] == ids[:2]  # the other job's study is not taken
-    assert first.tasks[0].views == (f"{first.tasks[0].path}/image1.png",
-                                    f"{first.tasks[0].path}/image2.png")
+    assert first.tasks[0].views == (f"{first.tasks[0].key}/image1.png",
+                                    f"{first.tasks[0].key}/image2.png")
     assert first.skipped == 1 and first.suspects == ()
     # A second worker with the same (duplicate) message gets only what nobody holds.
     second = _claim(session, job, ids, "host-b:2")
@@ -93,7 +93,7 @@ def test_view_that_killed_its_worker_fails_after_max_crashes(session: Session,
                                                              model: Model) -> None:
     job = _job(session, model, 1)
     (sid,) = _ids(session, job)
-    bad = f"{_study(session, sid).path}/image2.png"
+    bad = f"{_study(session, sid).key}/image2.png"
     start = utcnow()
     for crash in range(1, 4):  # each holder's lease runs out before the next claim
         claim = _claim(session, job, [sid], f"host:{1000 + crash}",
@@ -108,7 +108,7 @@ def test_view_that_killed_its_worker_fails_after_max_crashes(session: Session,
     assert bad not in task.views and len(task.views) == 1
     ((path, reason),) = task.failed
     assert path == bad and "died 3 times while decoding" in reason and bad in reason
-    view = session.execute(select(View.prob, View.error).where(View.path == bad)).one()
+    view = session.execute(select(View.prob, View.error).where(View.source == bad)).one()
     assert view.prob is None and view.error == reason
     assert _study(session, sid).decoding is None
 
@@ -165,16 +165,16 @@ def test_names_that_are_not_utf8_fail_their_own_view_or_study(session: Session,
                                                               model: Model) -> None:
     bad_file = "/a/XR_HAND/p1/s1/caf\udce9.png"  # os.listdir's view of Latin-1 bytes
     bad_folder = "/a/XR_HAND/p2/\udcff"
-    studies = [FoundStudy(path="/a/XR_HAND/p1/s1", views=("/a/XR_HAND/p1/s1/ok.png", bad_file)),
-               FoundStudy(path=bad_folder, views=(f"{bad_folder}/1.png",)),
-               FoundStudy(path="/a/XR_HAND/p3/s1", views=("/a/XR_HAND/p3/s1/\udce9.png",))]
+    studies = [FoundStudy(key="/a/XR_HAND/p1/s1", views=("/a/XR_HAND/p1/s1/ok.png", bad_file)),
+               FoundStudy(key=bad_folder, views=(f"{bad_folder}/1.png",)),
+               FoundStudy(key="/a/XR_HAND/p3/s1", views=("/a/XR_HAND/p3/s1/\udce9.png",))]
     job = store.create_job(session=session, root="/a", model_id=model.id, studies=studies,
                            mode="celery", options={})
     session.flush()
     rows = {r["study"]: r for r in query.job_results(session=session, job_id=job.id)}
     first = rows["/a/XR_HAND/p1/s1"]
     assert first["status"] == "queued"
-    assert {v["path"]: v["error"] for v in first["views"]} == {
+    assert {v["source"]: v["error"] for v in first["views"]} == {
         "/a/XR_HAND/p1/s1/ok.png": None, "/a/XR_HAND/p1/s1/caf\\xe9.png": store.NOT_UTF8_FILE}
     assert rows["/a/XR_HAND/p2/\\xff"]["status"] == "failed"
     assert rows["/a/XR_HAND/p2/\\xff"]["error"] == store.NOT_UTF8_FOLDER

@@ -25,7 +25,7 @@ def _scored_job(session: Session, model: Model) -> Job:
     specs = [("/a/XR_HAND/p1/s_b", "hand", 1, 2), ("/a/XR_HAND/p1/S_a", "hand", 0, 2),
              ("/a/XR_WRIST/p2/s-1", "wrist", None, 1), ("/a/XR_WRIST/p3/s1", "wrist", 1, 3),
              ("/a/XR_ELBOW/p4/s1", "elbow", None, 0)]
-    studies = [FoundStudy(path=p, views=tuple(f"{p}/v{j}.png" for j in (2, 1, 3)[:n]),
+    studies = [FoundStudy(key=p, views=tuple(f"{p}/v{j}.png" for j in (2, 1, 3)[:n]),
                           body_part=part, label=label) for p, part, label, n in specs]
     job = store.create_job(session=session, root="/a", model_id=model.id, studies=studies,
                            mode="celery", options={})
@@ -116,7 +116,7 @@ def test_job_progress(session: Session, model: Model) -> None:
 
 def test_job_progress_of_a_new_job(session: Session, model: Model) -> None:
     job = store.create_job(session=session, root="/a", model_id=model.id,
-                           studies=[FoundStudy(path="/a/s", views=("/a/s/1.png",))],
+                           studies=[FoundStudy(key="/a/s", views=("/a/s/1.png",))],
                            mode="embedded", options={})
     progress = query.job_progress(session=session, job_id=job.id)
     assert (progress["queued"], progress["views"], progress["views_scored"],
@@ -135,14 +135,14 @@ def test_job_results_shape_and_order(session: Session, model: Model) -> None:
     assert by_path["/a/XR_HAND/p1/s_b"] == {
         "study": "/a/XR_HAND/p1/s_b", "body_part": "hand", "label": 1, "score": 0.8,
         "prediction": "abnormal", "status": "done", "partial": True, "error": None,
-        "views": [{"path": "/a/XR_HAND/p1/s_b/v1.png", "prob": None,
+        "views": [{"source": "/a/XR_HAND/p1/s_b/v1.png", "prob": None,
                    "error": "truncated file"},
-                  {"path": "/a/XR_HAND/p1/s_b/v2.png", "prob": 0.8, "error": None}],
+                  {"source": "/a/XR_HAND/p1/s_b/v2.png", "prob": 0.8, "error": None}],
     }
     assert by_path["/a/XR_WRIST/p3/s1"] == {
         "study": "/a/XR_WRIST/p3/s1", "body_part": "wrist", "label": 1, "score": None,
         "prediction": None, "status": "queued", "partial": False, "error": None,
-        "views": [{"path": f"/a/XR_WRIST/p3/s1/v{j}.png", "prob": None, "error": None}
+        "views": [{"source": f"/a/XR_WRIST/p3/s1/v{j}.png", "prob": None, "error": None}
                   for j in (1, 2, 3)],
     }
     assert by_path["/a/XR_ELBOW/p4/s1"]["status"] == "empty"

@@ -24,7 +24,7 @@ SPECS = [("/r/XR_HAND/p_1/study1_positive", "hand", 1, 0.80),
 
 
 def _job(session: Session, model: Model) -> Job:
-    found = [FoundStudy(path=p, views=(f"{p}/image1.png",), body_part=part, label=label)
+    found = [FoundStudy(key=p, views=(f"{p}/image1.png",), body_part=part, label=label)
              for p, part, label, _ in SPECS]
     job = store.create_job(session=session, root="/r", model_id=model.id, studies=found,
                            mode="embedded", options={})
@@ -55,19 +55,19 @@ def test_score_range_filters(session: Session, model: Model) -> None:
     assert _paths(session, job, max_score=0.1) == ["/r/XR_WRIST/p5/study1_negative"]
 
 
-def test_path_pattern(session: Session, model: Model) -> None:
+def test_key_pattern(session: Session, model: Model) -> None:
     job = _job(session, model)
-    assert _paths(session, job, path="xr_wrist") == [p for p, *_ in SPECS if "WRIST" in p]
-    assert _paths(session, job, path="*positive") == [
+    assert _paths(session, job, study="xr_wrist") == [p for p, *_ in SPECS if "WRIST" in p]
+    assert _paths(session, job, study="*positive") == [
         "/r/XR_ELBOW/px1/study2_positive", "/r/XR_HAND/p_1/study1_positive",
         "/r/XR_WRIST/p3/study1_positive"]
-    assert _paths(session, job, path="/p?/study1_neg") == [
+    assert _paths(session, job, study="/p?/study1_neg") == [
         "/r/XR_WRIST/p4/study1_negative", "/r/XR_WRIST/p5/study1_negative"]
     # `_` and `%` in a pattern are literal characters, not LIKE wildcards.
-    assert _paths(session, job, path="p_1") == ["/r/XR_HAND/p_1/study1_positive"]
-    assert _paths(session, job, path="p%2") == ["/r/XR_HAND/p%2/study1_negative"]
-    assert _paths(session, job, path="hand/*study2") == []
-    assert query.path_pattern("a_b%c*d?") == "%a\\_b\\%c%d_%"
+    assert _paths(session, job, study="p_1") == ["/r/XR_HAND/p_1/study1_positive"]
+    assert _paths(session, job, study="p%2") == ["/r/XR_HAND/p%2/study1_negative"]
+    assert _paths(session, job, study="hand/*study2") == []
+    assert query.key_pattern("a_b%c*d?") == "%a\\_b\\%c%d_%"
 
 
 def test_order_by_score(session: Session, model: Model) -> None:
@@ -83,7 +83,7 @@ def test_order_by_score(session: Session, model: Model) -> None:
     top = query.job_results(session=session, job_id=job.id, order="-score", limit=2)
     assert [r["score"] for r in top] == [0.80, 0.55]
     assert [len(r["views"]) for r in top] == [1, 1]
-    with pytest.raises(ValueError, match="path, score, -score"):
+    with pytest.raises(ValueError, match="study, score, -score"):
         query.job_results(session=session, job_id=job.id, order="label")
 
 
@@ -109,9 +109,9 @@ def test_job_timings(session: Session, model: Model) -> None:
 def test_study_outcomes(session: Session, model: Model) -> None:
     job = _job(session, model)
     outcomes = query.study_outcomes(session=session, job_id=job.id)
-    assert [o["path"] for o in outcomes] == sorted(p for p, *_ in SPECS)
+    assert [o["study"] for o in outcomes] == sorted(p for p, *_ in SPECS)
     first = outcomes[0]
-    assert first == {"path": "/r/XR_ELBOW/px1/study2_positive", "body_part": "elbow",
+    assert first == {"study": "/r/XR_ELBOW/px1/study2_positive", "body_part": "elbow",
                      "label": 1, "score": 0.35, "status": "done", "partial": False}
 
 

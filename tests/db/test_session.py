@@ -34,8 +34,8 @@ def _check_schema(engine: Engine) -> None:
     assert {c["name"] for c in insp.get_columns("models")} == {
         "id", "name", "sha256", "path", "metadata", "created_at"}
     uniques = {u["name"] for u in insp.get_unique_constraints("studies")}
-    assert "uq_studies_job_id_path" in uniques
-    assert "uq_views_study_id_path" in {u["name"] for u in insp.get_unique_constraints("views")}
+    assert "uq_studies_job_id_key" in uniques
+    assert "uq_views_study_id_source" in {u["name"] for u in insp.get_unique_constraints("views")}
     assert "ix_studies_job_id_status" in {i["name"] for i in insp.get_indexes("studies")}
     with engine.connect() as conn:
         assert current_revision(conn) == head_revision()
@@ -203,3 +203,43 @@ def test_database_from_a_newer_bonexray_is_refused(sqlite_url: str) -> None:
         conn.execute(text("UPDATE alembic_version SET version_num = 'ffff9999'"))
     with pytest.raises(DatabaseError, match="'ffff9999'.*newer"):
         upgrade_schema(create_engine(sqlite_url))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_study_paths_become_keys_and_sources_and_back(request: pytest.FixtureRequest,
+                                                      backend: str, tmp_path: Path) -> None:
+    """0004 renames studies.path to key and views.path to source, keeping rows and their
+    unique constraints; the downgrade gives the paths back."""
+    from alembic import command
+
+    url = (request.getfixturevalue("fresh_pg_url") if backend == "postgres"
+           else f"sqlite:///{tmp_path / 'old.db'}")
+    engine = create_engine(url)
+    cfg = db_session.alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+        conn.execute(text("INSERT INTO models (id, name, sha256, path, metadata, created_at) "
+                          "VALUES (1, 'm', :sha, '/m.onnx', '{}', CURRENT_TIMESTAMP)"),
+                     {"sha": "a" * 64})
+        conn.execute(text("INSERT INTO jobs (id, root, model_id, created_at, mode, options, "
+                          "n_studies, n_views) VALUES (1, '/r', 1, CURRENT_TIMESTAMP, "
+                          "'embedded', '{}', 1, 1)"))
+        conn.execute(text("INSERT INTO studies (id, job_id, path, n_views, status, attempts) "
+                          "VALUES (1, 1, '/r/s1', 1, 'queued', 0)"))
+        conn.execute(text("INSERT INTO views (id, study_id, path) VALUES (1, 1, '/r/s1/a.png')"))
+        command.upgrade(cfg, "head")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT key, study_uid FROM studies")).all() == [("/r/s1", None)]
+        assert conn.execute(text("SELECT source, sop_uid FROM views")).all() == [
+            ("/r/s1/a.png", None)]
+    insp = inspect(engine)
+    assert "uq_studies_job_id_key" in {u["name"] for u in insp.get_unique_constraints("studies")}
+    with pytest.raises(Exception, match="(?i)unique"), engine.begin() as conn:
+        conn.execute(text("INSERT INTO views (study_id, source) VALUES (1, '/r/s1/a.png')"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0003")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT path FROM views")).scalars().all() == ["/r/s1/a.png"]
+    engine.dispose()

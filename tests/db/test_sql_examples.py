@@ -45,7 +45,7 @@ def _job(session: Session, model: Model) -> Job:
              ("/d/XR_WRIST/p3/study1_negative", "wrist", 0, 1, "done", 0.2),
              ("/d/XR_HAND/p4/study1_positive", "hand", 1, 1, "failed", None),
              ("/d/XR_ELBOW/p5/study1_negative", "elbow", 0, 3, "done", 0.1)]
-    found = [FoundStudy(path=p, views=tuple(f"{p}/image{k}.png" for k in range(n)),
+    found = [FoundStudy(key=p, views=tuple(f"{p}/image{k}.png" for k in range(n)),
                         body_part=part, label=label) for p, part, label, n, _, _ in specs]
     job = store.create_job(session=session, root="/d", model_id=model.id, studies=found,
                            mode="embedded", options={})

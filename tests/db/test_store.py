@@ -27,7 +27,7 @@ def _result(study_id: int, path: str, probs: tuple[float | None, ...],
     scored = [p for p in probs if p is not None]
     score = sum(scored) / len(scored) if scored else None
     return StudyResult(
-        study_id=study_id, path=path, status=status, score=score,
+        study_id=study_id, key=path, status=status, score=score,
         prediction=None if score is None else ("abnormal" if score >= 0.5 else "normal"),
         views=views, error=None if scored else "no view could be scored",
     )
@@ -35,7 +35,7 @@ def _result(study_id: int, path: str, probs: tuple[float | None, ...],
 
 def _study_rows(session: Session, job_id: int) -> list[dict[str, Any]]:
     rows = session.execute(
-        select(Study.id, Study.path, Study.status, Study.score, Study.prediction,
+        select(Study.id, Study.key, Study.status, Study.score, Study.prediction,
                Study.error, Study.worker, Study.n_views)
         .where(Study.job_id == job_id).order_by(Study.id)
     )
@@ -44,7 +44,7 @@ def _study_rows(session: Session, job_id: int) -> list[dict[str, Any]]:
 
 def _view_rows(session: Session, job_id: int) -> list[tuple[Any, ...]]:
     return [tuple(r) for r in session.execute(
-        select(View.id, View.study_id, View.path, View.prob, View.error)
+        select(View.id, View.study_id, View.source, View.prob, View.error)
         .join(Study, Study.id == View.study_id)
         .where(Study.job_id == job_id).order_by(View.id)
     )]
@@ -97,7 +97,7 @@ def test_create_job_with_one_study(session: Session, model: Model) -> None:
     rows = _study_rows(session, job.id)
     assert [(r["status"], r["n_views"], r["error"]) for r in rows] == [("queued", 3, None)]
     assert store.queued_studies(session=session, job_id=job.id) == [(rows[0]["id"],
-                                                                     rows[0]["path"])]
+                                                                     rows[0]["key"])]
 
 
 def test_create_job_with_many_studies_some_empty(session: Session, model: Model) -> None:

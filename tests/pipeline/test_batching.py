@@ -35,7 +35,7 @@ def tasks(tmp_path: Path) -> list[StudyTask]:
         views = []
         for v in range(int(rng.integers(1, 5))):
             views.append(write_png(tmp_path / f"s{s}" / f"v{v}.png", int(rng.integers(0, 256))))
-        out.append(StudyTask(id=s + 1, path=str(tmp_path / f"s{s}"), views=tuple(views)))
+        out.append(StudyTask(id=s + 1, key=str(tmp_path / f"s{s}"), views=tuple(views)))
     return out
 
 
@@ -63,7 +63,7 @@ def test_results_do_not_depend_on_batch_size_or_chunking(tasks, batch_size):
 def test_study_score_is_mean_of_views_and_threshold_decides(tmp_path):
     views = (write_png(tmp_path / "a.png", 255), write_png(tmp_path / "b.png", 0),
              write_png(tmp_path / "c.png", 204))
-    task = StudyTask(id=1, path=str(tmp_path), views=views)
+    task = StudyTask(id=1, key=str(tmp_path), views=views)
     (result,), _ = run([task])
     assert result.status == DONE
     assert result.score == pytest.approx((1.0 + 0.0 + 0.8) / 3, abs=1e-6)
@@ -93,7 +93,7 @@ def test_bad_view_fails_alone_and_study_goes_on(tmp_path):
     ]
     (s1, s2, s3), _ = run(tasks, batch_size=2)
     assert s1.status == DONE and s1.score == pytest.approx(100 / 255, abs=1e-6)
-    errors = {Path(v.path).name: v.error for v in s1.views}
+    errors = {Path(v.source).name: v.error for v in s1.views}
     assert errors["good.png"] is None
     assert "empty" in errors["empty.png"]
     assert "not a decodable image" in errors["text.png"]

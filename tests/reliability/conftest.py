@@ -256,11 +256,11 @@ def study_rows(url: str, job_id: int) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for s in studies:
             views = session.execute(
-                select(View.path, View.prob, View.error).where(View.study_id == s.id)
+                select(View.source, View.prob, View.error).where(View.study_id == s.id)
             ).all()
-            out[s.path] = {"id": s.id, "status": s.status, "attempts": s.attempts,
+            out[s.key] = {"id": s.id, "status": s.status, "attempts": s.attempts,
                            "error": s.error, "score": s.score,
-                           "views": {v.path: (v.prob, v.error) for v in views}}
+                           "views": {v.source: (v.prob, v.error) for v in views}}
         return out
 
 
@@ -271,6 +271,6 @@ def count_view_rows(url: str, job_id: int) -> tuple[int, int]:
                                .where(Study.job_id == job_id))
         distinct = session.scalar(
             select(func.count()).select_from(
-                select(View.study_id, View.path).join(Study).where(Study.job_id == job_id)
+                select(View.study_id, View.source).join(Study).where(Study.job_id == job_id)
                 .distinct().subquery()))
     return int(total or 0), int(distinct or 0)

@@ -139,7 +139,7 @@ def test_file_names_that_are_not_utf8_fail_their_own_view(tmp_path, cheap_model,
     (row,) = json.loads(bonexray("results", str(job), "--db", db, "--format", "json",
                                  env=env).stdout)
     assert row["status"] == "done" and row["partial"] is True
-    errors = {v["path"]: v["error"] for v in row["views"]}
+    errors = {v["source"]: v["error"] for v in row["views"]}
     assert errors[f"{study}/image1.png"] is None
     assert "not valid UTF-8" in errors[f"{study}/caf\\xe9.png"]
 

@@ -160,7 +160,7 @@ def test_split_by_patient_when_no_valid_split(tmp_path: Path) -> None:
     assert not {s.patient for s in train_s} & {s.patient for s in valid_s}
     assert len({s.patient for s in valid_s}) == 2  # 20% of 10 patients
     again = split_studies(find_studies(root), seed=0)
-    assert [s.path for s in again.valid] == [s.path for s in valid_s]
+    assert [s.key for s in again.valid] == [s.key for s in valid_s]
 
 
 def test_layout_split_keeps_test_apart_and_names_shared_patients(
