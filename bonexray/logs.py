@@ -64,6 +64,8 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # Schema checks run on every command; their chatter is not news.
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
+    # highdicom says at INFO which modules it copies into every SR it builds.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))
 
 
 def use_format(logger: logging.Logger, fmt: str) -> None:

@@ -71,7 +71,8 @@ def test_no_database_file_is_made_by_a_read_only_command_or_a_missing_model(tmp_
     url = f"sqlite:///{db}"
     runner = CliRunner()
     for args in (["results"], ["jobs"], ["status"], ["evaluate"], ["models", "list"],
-                 ["export-predictions", "1", str(tmp_path / "p.csv")]):
+                 ["export-predictions", "1", str(tmp_path / "p.csv")],
+                 ["export-dicom", "--out", str(tmp_path / "sr")]):
         result = runner.invoke(cli, [*args, "--db", url])
         assert result.exit_code == 2, (args, result.output)
         assert f"no database at {db}" in result.output, args

@@ -323,3 +323,39 @@ def export_predictions(job: int, out: str, database_url: str | None,
                f"{'stdout' if out == '-' else out}"
                + (f"; {summary['unscored']} studies without a prediction left out"
                   if summary["unscored"] else ""), err=True)
+
+
+@cli.command("export-dicom", short_help="Write a job's DICOM results back as DICOM SR.")
+@click.argument("job", type=int, required=False)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Folder for the SR files (<StudyInstanceUID>/<SOPInstanceUID>.dcm).")
+@db_option
+@output_format
+@user_errors
+def export_dicom(job: int | None, out_dir: str, database_url: str | None, fmt: str) -> None:
+    """Write one Comprehensive 3D SR (TID 1500 Measurement Report) per scored DICOM study
+    of JOB (the latest when omitted), in the study it reports on: the finding (normal or
+    abnormal), the study probability, the body part, the model's name and sha256, and
+    every view the score came from. Needs the dicom extra."""
+    from bonexray.db.session import session_scope
+    from bonexray.dicom_sr import export_job
+
+    apply_overrides(database_url=database_url)
+    db = base.engine(read_only=True)
+    job_id = base.job_id(db, job)
+    with session_scope(db) as session:
+        done = export_job(session=session, job_id=job_id, out_dir=out_dir)
+    record = {"job": job_id, "written": len(done.written), "failed": len(done.failed),
+              "not_dicom": done.not_dicom, "unscored": done.unscored, "files": done.written,
+              "errors": {str(k): v for k, v in done.failed.items()}}
+
+    def human() -> None:
+        click.echo(f"job {job_id}: {len(done.written)} SR objects written to {out_dir}"
+                   + (f"; {done.unscored} DICOM studies without a score" if done.unscored
+                      else "")
+                   + (f"; {done.not_dicom} studies are not DICOM (no SR)" if done.not_dicom
+                      else ""))
+        for study_id, reason in sorted(done.failed.items()):
+            click.echo(f"  study {study_id}: {reason}")
+
+    emit(record, fmt, human)
