@@ -123,8 +123,33 @@ def _decode(ds: Any, *, max_pixels: int, budget_bytes: int) -> np.ndarray:
     return to_display(ds, stored)
 
 
+# Integer images whose stored values span at most this many levels are mapped through a
+# lookup table built once per image (every rule computed on the levels, not the pixels).
+_LUT_LEVELS = 1 << 17
+
+
 def to_display(ds: Any, stored: np.ndarray) -> np.ndarray:
-    """Stored pixel values -> uint8 with bone bright: Modality LUT, VOI, polarity."""
+    """Stored pixel values -> uint8 with bone bright: Modality LUT, VOI, polarity.
+
+    Integer images (all CR/DX) go through a lookup table over their stored levels, with the
+    robust window's percentiles taken from the levels' histogram: the same figures as
+    computing every pixel (`_display_pixels`), several times faster on a 5-megapixel image.
+    """
+    if stored.dtype.kind in "ui" and stored.size:
+        low, high = int(stored.min()), int(stored.max())
+        if stored.dtype.kind == "u" and high < _LUT_LEVELS:
+            low, offset = 0, stored  # indexed as stored: no shifted copy of the image
+        else:
+            offset = stored.astype(np.int64) - low
+        if high - low < _LUT_LEVELS:
+            levels = np.arange(low, high + 1, dtype=np.int64)
+            counts = np.bincount(offset.ravel(), minlength=levels.size)
+            return _display_levels(ds, levels, counts)[offset]
+    return _display_pixels(ds, stored)
+
+
+def _display_pixels(ds: Any, stored: np.ndarray) -> np.ndarray:
+    """to_display computed pixel by pixel (float data, or a range too wide for a table)."""
     from pydicom.pixels import apply_modality_lut
 
     padding = _padding_mask(ds, stored)
@@ -134,12 +159,52 @@ def to_display(ds: Any, stored: np.ndarray) -> np.ndarray:
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         shown = _window(ds, values)
     else:
-        shown = _robust_window(values, padding)
+        real = values if padding is None else values[~padding]
+        shown = _robust_window(values, np.percentile(real if real.size else values,
+                                                     ROBUST_WINDOW))
+    return _finish(ds, shown, padding)
+
+
+def _display_levels(ds: Any, levels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The uint8 shown for each stored level (`counts`: how many pixels hold it)."""
+    from pydicom.pixels import apply_modality_lut
+
+    padding = _padding_mask(ds, levels)
+    values = np.asarray(apply_modality_lut(levels, ds), dtype=np.float64)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        shown = _voi_lut(ds, values)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        shown = _window(ds, values)
+    else:
+        real = counts if padding is None else np.where(padding, 0, counts)
+        if not real.any():
+            real = counts
+        shown = _robust_window(values, _weighted_percentiles(values, real, ROBUST_WINDOW))
+    return _finish(ds, shown, padding)
+
+
+def _finish(ds: Any, shown: np.ndarray, padding: np.ndarray | None) -> np.ndarray:
     if _inverted(ds):
         shown = 1.0 - shown
     if padding is not None:
         shown[padding] = 0.0  # not part of the image: background, whatever the polarity
     return np.round(np.clip(shown, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _weighted_percentiles(values: np.ndarray, counts: np.ndarray,
+                          percents: tuple[float, ...]) -> tuple[float, ...]:
+    """np.percentile (linear) of the multiset holding counts[i] copies of values[i]."""
+    order = np.argsort(values, kind="stable")
+    values, cumulative = values[order], np.cumsum(counts[order])
+    n = int(cumulative[-1])
+    out = []
+    for p in percents:
+        h = (n - 1) * p / 100.0
+        k = int(np.floor(h))
+        below = values[np.searchsorted(cumulative, k, side="right")]
+        above = values[np.searchsorted(cumulative, min(k + 1, n - 1), side="right")]
+        out.append(float(below + (h - k) * (above - below)))
+    return tuple(out)
 
 
 def _padding_mask(ds: Any, stored: np.ndarray) -> np.ndarray | None:
@@ -199,12 +264,10 @@ def _voi_lut(ds: Any, values: np.ndarray) -> np.ndarray:
     return lut[index] / top
 
 
-def _robust_window(values: np.ndarray, padding: np.ndarray | None) -> np.ndarray:
-    """No VOI in the header: the 0.5th-99.5th percentile range of the real pixels."""
-    real = values if padding is None else values[~padding]
-    if real.size == 0:
-        real = values
-    low, high = np.percentile(real, ROBUST_WINDOW)
+def _robust_window(values: np.ndarray, bounds: Any) -> np.ndarray:
+    """No VOI in the header: the 0.5th-99.5th percentile range of the real (not padding)
+    pixels, `bounds`, to [0, 1]."""
+    low, high = (float(b) for b in bounds)
     if high <= low:
         high = low + 1.0
     return (values - low) / (high - low)

@@ -262,3 +262,36 @@ def test_real_cr_files_monochrome1_without_a_shape_come_out_bone_bright():
         # Inverted once: what is stored low (bone, in MONOCHROME1) comes out bright.
         assert np.corrcoef(stored.ravel(), image.ravel())[0, 1] < -0.9, path
         assert load_view(path, 64).shape == (64, 64)
+
+
+@pytest.mark.parametrize("header", [
+    {},
+    {"PixelPaddingValue": 0},
+    {"PixelPaddingValue": 0, "PixelPaddingRangeLimit": 40, "PhotometricInterpretation":
+     "MONOCHROME1"},
+    {"RescaleSlope": -2.0, "RescaleIntercept": 100.0},
+    {"WindowCenter": 2000, "WindowWidth": 1500},
+    {"WindowCenter": [1800, 40], "WindowWidth": [900, 400], "VOILUTFunction": "SIGMOID"},
+    {"PresentationLUTShape": "INVERSE", "WindowCenter": 2048, "WindowWidth": 4096,
+     "VOILUTFunction": "LINEAR_EXACT"},
+])
+def test_the_lookup_table_path_shows_what_pixel_by_pixel_shows(header):
+    """to_display maps integer images through a table over their levels, the robust window
+    from the levels' histogram: the same picture as computing every pixel."""
+    from bonexray.dicom import _display_pixels, to_display
+
+    rng = np.random.default_rng(len(str(header)))
+    stored = np.clip(rng.normal(2100, 500, (120, 90)), 0, 4095).astype(np.uint16)
+    stored[:10] = 0  # a padded band
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    for key, value in header.items():
+        setattr(ds, key, value)
+    fast, slow = to_display(ds, stored), _display_pixels(ds, stored)
+    assert fast.dtype == slow.dtype == np.uint8
+    assert int(np.abs(fast.astype(int) - slow.astype(int)).max()) <= 1
+    assert np.mean(fast == slow) > 0.999
+    # Signed data, and values that start far from zero, take the table too.
+    signed = (stored.astype(np.int16) - 3000)
+    assert np.abs(to_display(ds, signed).astype(int)
+                  - _display_pixels(ds, signed).astype(int)).max() <= 1
