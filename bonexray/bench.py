@@ -27,6 +27,10 @@ from bonexray.errors import BonexrayError
 log = logging.getLogger(__name__)
 
 
+class BenchError(BonexrayError, RuntimeError):
+    """The benchmark cannot make its inputs."""
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     quick: bool = False
@@ -38,6 +42,7 @@ class BenchConfig:
     control_studies: int = 0  # 0: 4000 (quick 1500)
     control_processes: int = 2
     repeats: int = 0  # 0: 5 (quick 3)
+    dicom_decode: int = 0  # 2000x2500 objects per codec for dicom_decode_ips; 0: 6 (quick 3)
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     broker_url: str = "redis://127.0.0.1:6379/14"
     workdir: str | None = None
@@ -49,6 +54,10 @@ class BenchConfig:
     @property
     def n_control(self) -> int:
         return self.control_studies or (1500 if self.quick else 4000)
+
+    @property
+    def dicom_decode_images(self) -> int:
+        return self.dicom_decode or (3 if self.quick else 6)
 
     @property
     def n_repeats(self) -> int:
@@ -75,6 +84,116 @@ def write_views(root: Path, *, images: int, per_study: int, side: int, seed: int
                              sign=None, size=side)
         Image.fromarray(pixels).save(study / f"image{i % per_study + 1}.png", compress_level=6)
     return root
+
+
+# ---------------------------------------------------------------------------- DICOM inputs
+
+JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"  # process 14, selection value 1: CR/DX's usual
+JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+
+
+def dicom_available() -> bool:
+    """pydicom and its codecs (the dicom extra) are installed: DICOM figures can be made."""
+    try:
+        import gdcm  # noqa: F401
+        import pydicom  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_dicom_view(path: Path, pixels: np.ndarray, *, syntax: str, study_uid: str) -> Path:
+    """A CR object (MONOCHROME1, 12 bits stored in 16, no VOI: the robust window) holding
+    `pixels` (uint16), compressed with `syntax`: JPEG Lossless by GDCM, JPEG 2000 by
+    pydicom's encoders."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    from bonexray.dicom import CR
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(CR)
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = CR, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+    ds.Modality, ds.BodyPartExamined = "CR", "WRIST"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (4095 - pixels.astype(np.uint16)).astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if syntax == JPEG_LOSSLESS:
+        import gdcm
+
+        raw = path.with_suffix(".raw.dcm")
+        ds.save_as(raw, enforce_file_format=True)
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(raw))
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+        writer = gdcm.ImageWriter()
+        if not reader.Read():
+            raise BenchError(f"GDCM cannot read {raw}")
+        change.SetInput(reader.GetImage())
+        if not change.Change():
+            raise BenchError("GDCM cannot encode JPEG Lossless")
+        writer.SetFileName(str(path))
+        writer.SetFile(reader.GetFile())
+        writer.SetImage(change.GetOutput())
+        if not writer.Write():
+            raise BenchError(f"GDCM cannot write {path}")
+        raw.unlink()
+    else:
+        ds.compress(syntax)
+        ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def radiograph_12bit(rng: np.random.Generator, *, rows: int, cols: int, part: str,
+                     abnormal: bool) -> np.ndarray:
+    """A synthetic radiograph at rows x cols, 12-bit, with detector-like noise."""
+    from bonexray.synth import render_view
+
+    side = min(760, max(rows, cols))
+    base = render_view(rng, body_part=part, abnormal=abnormal, sign=None, size=side)
+    big = np.asarray(Image.fromarray(base).resize((cols, rows), Image.Resampling.BILINEAR),
+                     dtype=np.float64)
+    noisy = big * 16.0 + rng.normal(0.0, 6.0, big.shape)
+    return np.clip(noisy, 0, 4095).astype(np.uint16)
+
+
+def write_dicom_archive(root: Path, *, images: int, per_study: int, side: int,
+                        syntax: str = JPEG_LOSSLESS, seed: int = 0) -> Path:
+    """The benchmark's views as a DICOM archive: CR objects by StudyInstanceUID."""
+    from pydicom.uid import generate_uid
+
+    rng = np.random.default_rng(seed)
+    parts = ("wrist", "elbow", "hand", "shoulder")
+    uid = ""
+    for i in range(images):
+        if i % per_study == 0:
+            uid = generate_uid()
+        pixels = radiograph_12bit(rng, rows=side, cols=side, part=parts[i % len(parts)],
+                                  abnormal=i % 3 == 0)
+        write_dicom_view(root / f"IM{i:05d}", pixels, syntax=syntax, study_uid=uid)
+    return root
+
+
+def measure_dicom_decode(work: Path, *, size: int, threads: int, repeats: int,
+                         images: int) -> dict[str, float]:
+    """Views per second through load_view (decode, VOI, letterbox to `size`) of 2,000 x
+    2,500 12-bit CR objects, JPEG Lossless and JPEG 2000 (lossless)."""
+    out = {}
+    for name, syntax in (("jpeg_lossless", JPEG_LOSSLESS), ("jpeg2000", JPEG2000_LOSSLESS)):
+        rng = np.random.default_rng(7)
+        paths = [str(write_dicom_view(work / f"decode-{name}" / f"IM{i}", radiograph_12bit(
+            rng, rows=2500, cols=2000, part="wrist", abnormal=False), syntax=syntax,
+            study_uid="1.2.3")) for i in range(images)]
+        out[name] = round(measure_decode(paths, size, threads, repeats), 3)
+    return out
 
 
 def write_tiny_studies(root: Path, *, studies: int, side: int = 48) -> Path:
@@ -326,6 +445,20 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
         runners["pipeline_ips"] = pipeline_runner(folder, model_path, work, config.batch)
         result["decode_ips"] = measure_decode(paths, config.image_size,
                                               settings.decode_threads, config.n_repeats)
+        if dicom_available():
+            log.info("DICOM: %d views as JPEG Lossless CR, and 2000x2500 decode figures",
+                     config.n_images)
+            archive = write_dicom_archive(work / "dicom", images=config.n_images,
+                                          per_study=config.views_per_study,
+                                          side=config.source_side)
+            runners["pipeline_dicom_ips"] = pipeline_runner(archive, model_path, work,
+                                                            config.batch)
+            result["dicom_decode_ips"] = measure_dicom_decode(
+                work, size=config.image_size, threads=settings.decode_threads,
+                repeats=config.n_repeats, images=config.dicom_decode_images)
+        else:
+            log.warning("the dicom extra is not installed: no DICOM figures")
+            result["dicom_decode_ips"] = None
 
         with private_database(config.database_url) as db_url:
             with celery_runner(folder, model_path, db_url=db_url, broker_url=config.broker_url,
@@ -338,6 +471,7 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
                 rates, samples = measure_interleaved(runners, len(paths), config.n_repeats)
             result.update(rates)
             result.setdefault("ort_int8_ips", None)
+            result.setdefault("pipeline_dicom_ips", None)
             result["repeats"] = {k: [round(r, 2) for r in v] for k, v in samples.items()}
 
             log.info("control plane: %d one-view studies, cheap model", config.n_control)
@@ -356,6 +490,8 @@ def run_benchmark(config: BenchConfig) -> dict[str, Any]:
     ort_ips = result["ort_ips"]
     result["ratios"] = {
         "pipeline_over_ort": result["pipeline_ips"] / ort_ips,
+        "pipeline_dicom_over_ort": (result["pipeline_dicom_ips"] / ort_ips
+                                    if result["pipeline_dicom_ips"] else None),
         "celery_over_ort": result["celery_ips"] / ort_ips,
         "ort_over_torch_eager": ort_ips / result["torch_eager_ips"],
         "int8_over_ort": (result["ort_int8_ips"] / ort_ips

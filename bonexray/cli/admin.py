@@ -25,6 +25,9 @@ from bonexray.settings import get_settings
               help="Studies for the control-plane figure (default 4000, quick 1500).")
 @click.option("--repeats", default=0,
               help="Interleaved repeats; figures are medians (default 5, quick 3).")
+@click.option("--dicom-decode", default=0,
+              help="2000x2500 DICOM objects per codec for dicom_decode_ips (default 6, "
+                   "quick 3).")
 @click.option("--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
               show_default=True, help="Postgres where a private database is made and dropped.")
 @click.option("--broker", "broker_url", default="redis://127.0.0.1:6379/14", show_default=True,
@@ -33,13 +36,14 @@ from bonexray.settings import get_settings
               help="Also write the JSON here.")
 @user_errors
 def bench(quick: bool, image_size: int, batch: int, images: int, control_studies: int,
-          repeats: int, pg_admin_url: str, broker_url: str, out: str | None) -> None:
+          repeats: int, dicom_decode: int, pg_admin_url: str, broker_url: str,
+          out: str | None) -> None:
     """Measure throughput in one run; the last line of stdout is one JSON object."""
     from bonexray.bench import BenchConfig, format_result, run_benchmark
 
     config = BenchConfig(quick=quick, image_size=image_size, batch=batch, images=images,
                          control_studies=control_studies, repeats=repeats,
-                         database_url=pg_admin_url,
+                         dicom_decode=dicom_decode, database_url=pg_admin_url,
                          broker_url=broker_url)
     result = run_benchmark(config)
     text = format_result(result)
