@@ -102,6 +102,16 @@ class Settings:
     # stored (studies.patient); empty: the patient is not stored at all. Keep it out of the
     # database, and the same wherever jobs are enqueued, so that a patient's studies match.
     patient_key: str = dataclasses.field(default="", repr=False)
+    # `bonexray listen`: the DICOM C-STORE SCP's AE title, address and port; the calling AE
+    # titles it accepts (comma-separated; empty = any); where it spools instances (one
+    # folder per study; workers must see it at the same path); and how long a study must
+    # receive nothing new before it is classified.
+    listen_ae_title: str = "BONEXRAY"
+    listen_host: str = "0.0.0.0"
+    listen_port: int = 11112
+    listen_allow: str = ""
+    spool_dir: str = "spool"
+    stable_seconds: int = 10
     log_level: str = "INFO"
     # "text" for a terminal, "json" for JSON lines (one object per record) for a fleet.
     log_format: str = "text"
@@ -132,7 +142,7 @@ _AT_LEAST = {
     "intra_op_threads": 0, "worker_processes": 1, "cuda_device": 0, "visibility_timeout": 1,
     "lease_seconds": 1, "reaper_interval": 1, "max_crashes": 1, "max_attempts": 1,
     "stall_seconds": 1, "decode_budget_bytes": 1, "db_lock_timeout_ms": 0,
-    "db_statement_timeout_ms": 0, "max_image_pixels": 1,
+    "db_statement_timeout_ms": 0, "max_image_pixels": 1, "listen_port": 1, "stable_seconds": 1,
 }
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _CHOICES = {"io_binding": ("auto", "on", "off"), "log_level": LOG_LEVELS,

@@ -246,6 +246,89 @@ def worker(database_url: str | None, broker_url: str | None, concurrency: int, p
     sys.exit(code)
 
 
+@cli.command(short_help="Receive studies from a PACS (DICOM C-STORE) and classify them.")
+@click.option("--model", "model_ref", required=True, help="model.onnx path or registered name.")
+@db_option
+@broker_option
+@click.option("--ae-title", default=None,
+              help="This node's AE title [env: BONEXRAY_LISTEN_AE_TITLE; default: BONEXRAY].")
+@click.option("--host", default=None,
+              help="Address to listen on [env: BONEXRAY_LISTEN_HOST; default: 0.0.0.0].")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="DICOM port [env: BONEXRAY_LISTEN_PORT; default: 11112].")
+@click.option("--allow", default=None, metavar="AET,AET",
+              help="Calling AE titles accepted; others are refused [env: "
+                   "BONEXRAY_LISTEN_ALLOW; default: any].")
+@click.option("--spool", "spool_dir", default=None, type=click.Path(file_okay=False),
+              help="Where instances are kept, a folder per study [env: BONEXRAY_SPOOL_DIR; "
+                   "default: spool].")
+@click.option("--stable-seconds", type=click.IntRange(min=1), default=None,
+              help="A study is complete when nothing came for this long [env: "
+                   "BONEXRAY_STABLE_SECONDS; default: 10].")
+@click.option("--embedded", is_flag=True,
+              help="Classify each study in this process (no broker), as `run` does; by "
+                   "default its job goes to the workers, as `enqueue` does.")
+@user_errors
+def listen(model_ref: str, database_url: str | None, broker_url: str | None,
+           ae_title: str | None, host: str | None, port: int | None, allow: str | None,
+           spool_dir: str | None, stable_seconds: int | None, embedded: bool) -> None:
+    """A DICOM C-STORE SCP for a PACS to route studies to: CR and DX For Presentation
+    instances are spooled (acknowledged once on disk), and each study is classified once
+    nothing new came for --stable-seconds; a later instance re-opens it. Answers C-ECHO.
+    Stop with Ctrl-C or SIGTERM; a restart resumes what was spooled."""
+    import signal
+    import threading
+
+    from bonexray.jobs import NothingToSend, check_broker, prepare_job, run_embedded, send_job
+    from bonexray.listener import Pending, Spool, serve
+    from bonexray.modelstore import resolve_model
+    from bonexray.pipeline.chunks import get_classifier
+    from bonexray.studies import StudyError
+
+    apply_overrides(database_url=database_url, broker_url=broker_url,
+                    listen_ae_title=ae_title, listen_host=host, listen_port=port,
+                    listen_allow=allow, spool_dir=spool_dir, stable_seconds=stable_seconds)
+    settings = get_settings()
+    if not embedded:
+        check_broker(settings)
+    db = base.engine(model_ref=model_ref)
+    model = resolve_model(engine=db, ref=model_ref)
+    if embedded:
+        get_classifier(model, settings)
+    spool = Spool(settings.spool_dir)
+    mode = "embedded" if embedded else "celery"
+
+    def submit(pending: Pending) -> int | None:
+        try:
+            job = prepare_job(engine=db, root=str(pending.folder), model=model, mode=mode,
+                              options={"source": "listen", "instances": pending.instances},
+                              skip_done=not pending.reopened)
+        except NothingToSend:
+            return None
+        except StudyError as exc:  # nothing classifiable in it: recorded, not retried
+            click.echo(f"note: a spooled study holds nothing to classify: {exc}", err=True)
+            return None
+        if embedded:
+            run_embedded(engine=db, job=job, settings=settings)
+        else:
+            send_job(engine=db, job=job, settings=settings)
+        click.echo(f"job {job.job_id}: {job.studies} studies ({job.views} views) from the "
+                   f"spool{' (re-opened)' if pending.reopened else ''}", err=True)
+        return job.job_id
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    allowed = tuple(a.strip() for a in settings.listen_allow.split(",") if a.strip())
+    stats = serve(spool=spool, submit=submit, ae_title=settings.listen_ae_title,
+                  host=settings.listen_host, port=settings.listen_port, allow=allowed,
+                  stable_seconds=settings.stable_seconds, stop=stop,
+                  on_ready=lambda: click.echo(
+                      f"listening as {settings.listen_ae_title} on {settings.listen_host}:"
+                      f"{settings.listen_port}; spool {spool.root}", err=True))
+    click.echo(f"stopped: {stats.received} instances received, {stats.jobs} jobs", err=True)
+
+
 @cli.command(short_help="Follow a job's progress.")
 @click.argument("job", type=int, required=False)
 @db_option
