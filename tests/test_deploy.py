@@ -98,9 +98,15 @@ def test_services_and_their_contracts(compose):
     assert password and services["redis"]["environment"]["REDISCLI_AUTH"] == password
     assert services["flower"]["environment"]["CELERY_BROKER_URL"].startswith(
         f"redis://:{password}@")
-    # Workers read views only under the archive they mount.
-    data_dir = worker["volumes"][0].split(":")[1]
-    assert worker["environment"]["BONEXRAY_DATA_ROOTS"] == data_dir
+    # Workers read views only under the archive and the spool they mount.
+    data_dir, spool = worker["volumes"][0].split(":")[1], worker["volumes"][2].split(":")[1]
+    assert worker["environment"]["BONEXRAY_DATA_ROOTS"] == f"{data_dir}:{spool}"
+    assert worker["environment"]["BONEXRAY_SPOOL_DIR"] == spool
+    # The PACS listener: optional, writes the spool the workers read, no GPU.
+    listener = services["listener"]
+    assert listener["profiles"] == ["pacs"] and listener["command"][:2] == ["bonexray", "listen"]
+    assert listener["volumes"] == [f"{spool}:{spool}"] and "deploy" not in listener
+    assert listener["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
 def test_environment_names_match_the_settings(compose):
