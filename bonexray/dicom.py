@@ -27,6 +27,7 @@ pyjpegls (JPEG-LS; MIT). pylibjpeg-libjpeg (GPLv3) is not used.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,29 @@ DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 RADIOGRAPHS = {CR: "CR Image", DX_FOR_PRESENTATION: "DX Image For Presentation"}
 # The percentiles of the robust window used when an image carries no VOI.
 ROBUST_WINDOW = (0.5, 99.5)
+
+
+def safe_reason(exc: BaseException) -> str:
+    """An exception from a DICOM reader as a short reason without the header bytes it may
+    quote (they can hold patient data): its type and its words, byte strings cut out."""
+    text = re.sub(r"""b(['"]).*?\1""", "b'...'", one_line(exc, limit=400))
+    text = re.sub(r"'[^']{24,}'", "'...'", text)  # long quoted values
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
+_configured = False
+
+
+def configure_pydicom() -> None:
+    """Once per process: pydicom reads invalid values without warning about them (its
+    warnings quote the values, which can be patient data)."""
+    global _configured
+    if not _configured:
+        import pydicom.config
+
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        _configured = True
 
 
 class SkippedObject(ImageError):
@@ -77,18 +101,23 @@ def decode_dicom(path: str | Path, *, max_pixels: int, budget_bytes: int = 0) ->
         raise ImageError("reading DICOM needs the dicom extra: pip install "
                          "'bonexray[dicom]'") from None
 
+    configure_pydicom()
     try:
         ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
-        raise ImageError(f"not a readable DICOM file: {one_line(exc, limit=200)}") from None
+    except InvalidDicomError:
+        raise ImageError("not a readable DICOM file: no DICOM preamble or file meta") \
+            from None
+    except OSError as exc:
+        raise ImageError(f"cannot read the file: {one_line(exc, limit=200)}") from None
+    except Exception as exc:  # pydicom raises many kinds on damaged files
+        raise ImageError(f"not a readable DICOM file ({safe_reason(exc)})") from None
     check_radiograph(ds)
     try:
         return _decode(ds, max_pixels=max_pixels, budget_bytes=budget_bytes)
     except ImageError:
         raise
     except Exception as exc:  # a malformed header: this view fails, never its chunk
-        raise ImageError(f"malformed DICOM header: {one_line(exc, typed=True, limit=200)}") \
-            from None
+        raise ImageError(f"malformed DICOM header ({safe_reason(exc)})") from None
 
 
 def _decode(ds: Any, *, max_pixels: int, budget_bytes: int) -> np.ndarray:
@@ -115,7 +144,7 @@ def _decode(ds: Any, *, max_pixels: int, budget_bytes: int) -> np.ndarray:
     except Exception as exc:  # every decoder raises its own types
         name = getattr(syntax, "name", str(syntax))
         raise ImageError(f"cannot decode pixel data in {name} ({syntax}): "
-                         f"{one_line(exc, limit=200)}") from None
+                         f"{safe_reason(exc)}") from None
     if stored.ndim == 3:  # RGB or similar: luminance
         stored = stored[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
     if stored.shape != (rows, cols):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bonexray import __version__
+from bonexray.dicom import safe_reason
 from bonexray.errors import BonexrayError, one_line
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class StudyForSR:
 class ExportReport:
     written: list[str] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)  # study id -> reason
-    not_dicom: int = 0  # studies of image folders: no SR
+    not_dicom: int = 0  # studies without a StudyInstanceUID (image folders, unreadable files)
     unscored: int = 0  # DICOM studies without a score (failed or empty)
 
 
@@ -194,8 +195,11 @@ def export_job(*, session: Any, job_id: int, out_dir: str | Path) -> ExportRepor
         except DicomExportError as exc:
             report.failed[row.id] = str(exc)
             continue
-        except (ValueError, TypeError, AttributeError) as exc:  # highdicom's checks
-            report.failed[row.id] = f"cannot build its SR: {one_line(exc, limit=200)}"
+        except OSError as exc:  # the output folder
+            report.failed[row.id] = f"cannot write its SR: {one_line(exc, limit=200)}"
+            continue
+        except Exception as exc:  # highdicom's checks on a messy header: this study only
+            report.failed[row.id] = f"cannot build its SR ({safe_reason(exc)})"
             continue
         report.written.append(str(target))
     log.info("job %d: %d SR objects written, %d failed, %d studies not DICOM, %d unscored",

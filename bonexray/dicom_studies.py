@@ -33,6 +33,7 @@ import hmac
 import logging
 import os
 import re
+import stat
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,12 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bonexray.dicom import RADIOGRAPHS, sop_class_name
+from bonexray.dicom import RADIOGRAPHS, configure_pydicom, safe_reason, sop_class_name
 from bonexray.errors import one_line
 
 log = logging.getLogger(__name__)
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 # Words naming MURA's body parts, in BodyPartExamined (DICOM PS3.16 Annex L defined terms)
 # and in free-text descriptions; plural forms included.
@@ -117,11 +119,22 @@ def part_from_text(text: str | None) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _values(value: Any) -> list[str]:
+    """An element's values as text (a multi-valued element gives several)."""
+    if value is None:
+        return []
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return [str(v).strip() for v in value if str(v).strip()]
+    text = str(value).strip()
+    return [text] if text else []
+
+
 def body_part_of(ds: Any) -> str | None:
     """A DICOM object's body part (the module docstring's rules)."""
-    examined = str(ds.get("BodyPartExamined", "") or "").strip()
+    examined = _values(ds.get("BodyPartExamined", None))
     if examined:
-        return part_from_text(examined) or examined.lower()
+        parts = {part_from_text(v) or v.lower()[:64] for v in examined}
+        return parts.pop() if len(parts) == 1 else None
     for item in ds.get("AnatomicRegionSequence", None) or ():
         code = str(item.get("CodeValue", "") or "").strip()
         part = _SNOMED_PARTS.get(code) or part_from_text(str(item.get("CodeMeaning", "")))
@@ -142,8 +155,17 @@ def patient_hash(patient_id: str | None, key: str) -> str | None:
 
 
 def _text(ds: Any, name: str) -> str | None:
-    value = str(ds.get(name, "") or "").strip()
-    return value or None
+    """An element's (first) value as text; None when absent, empty or unreadable."""
+    try:
+        values = _values(ds.get(name, None))
+    except Exception:  # a damaged element: as if absent
+        return None
+    return values[0].rstrip("\0") if values else None
+
+
+def valid_uid(uid: str | None) -> str | None:
+    """`uid` when it is a well-formed UID (digits and dots, at most 64 characters)."""
+    return uid if uid and len(uid) <= 64 and _UID.match(uid) else None
 
 
 def read_header(path: str, *, patient_key: str = "") -> Header:
@@ -155,22 +177,32 @@ def read_header(path: str, *, patient_key: str = "") -> Header:
 
     from bonexray.imaging import ImageError
 
+    configure_pydicom()
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
-        sop_class = str(ds.get("SOPClassUID", "") or "")
-        if not sop_class:
-            meta = getattr(ds, "file_meta", None)
-            sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "") if meta else ""
-        if not sop_class:
-            raise ValueError("no SOPClassUID (a truncated or damaged file?)")
-        return Header(path=path, sop_class=sop_class, sop_uid=_text(ds, "SOPInstanceUID"),
-                      study_uid=_text(ds, "StudyInstanceUID"),
-                      accession=_text(ds, "AccessionNumber"),
-                      patient=patient_hash(_text(ds, "PatientID"), patient_key),
-                      body_part=body_part_of(ds))
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError,
-            AttributeError) as exc:
-        raise ImageError(f"not a readable DICOM header: {one_line(exc, limit=200)}") from None
+    except InvalidDicomError:
+        raise ImageError("not a readable DICOM header: no DICOM preamble or file meta") \
+            from None
+    except Exception as exc:  # pydicom raises many kinds on damaged files
+        raise ImageError(f"not a readable DICOM header ({safe_reason(exc)})") from None
+    sop_class = _text(ds, "SOPClassUID")
+    if not sop_class:
+        meta = getattr(ds, "file_meta", None)
+        sop_class = _text(meta, "MediaStorageSOPClassUID") if meta is not None else None
+    if not sop_class:
+        raise ImageError("not a readable DICOM header: no SOPClassUID (a truncated or "
+                         "damaged file?)")
+    try:
+        part = body_part_of(ds)
+    except Exception:  # a damaged sequence or description: the part stays unknown
+        part = None
+    accession = _text(ds, "AccessionNumber")
+    return Header(path=path, sop_class=sop_class, sop_uid=_text(ds, "SOPInstanceUID"),
+                  study_uid=_text(ds, "StudyInstanceUID"),
+                  accession=accession[:64] if accession else None,
+                  patient=patient_hash(_text(ds, "PatientID"), patient_key),
+                  body_part=part)
+
 
 
 def dicomdir_files(path: str | Path) -> list[str]:
@@ -200,12 +232,14 @@ def is_dicomdir(path: str | Path) -> bool:
     return str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY
 
 
-def group_studies(paths: Iterable[str], *, patient_key: str = "",
-                  threads: int = 8) -> DicomScan:
-    """Read the headers of `paths` (DICOM files) and group them into studies."""
-    ordered = sorted(set(paths))
+def group_studies(paths: Iterable[str], *, patient_key: str = "", threads: int = 8,
+                  refused: Iterable[str] = ()) -> DicomScan:
+    """Read the headers of `paths` (DICOM files) and group them into studies. `refused`
+    files (outside the data roots) are not read: each is a study of its own that fails."""
+    refused = sorted(set(refused))
+    ordered = sorted(set(paths) - set(refused))
     scan = DicomScan()
-    if not ordered:
+    if not ordered and not refused:
         return scan
     try:
         import pydicom  # noqa: F401
@@ -247,15 +281,16 @@ def group_studies(paths: Iterable[str], *, patient_key: str = "",
         if header.study_uid is None:  # Type 1, yet missing: the file is its own study
             groups[(path, None)] = {"key": path, "uid": None, "accession": header.accession,
                                     "patient": header.patient, "part": header.body_part,
-                                    "views": [(path, header.sop_uid)]}
+                                    "views": [(path, valid_uid(header.sop_uid))]}
             continue
+        # Grouped by the UID as written; stored (study_uid, sop_uid) only when well formed.
         group = groups.setdefault((header.study_uid, header.body_part), {
             "key": f"{header.study_uid}/{header.body_part}" if header.body_part
             else header.study_uid,
-            "uid": header.study_uid, "accession": header.accession,
+            "uid": valid_uid(header.study_uid), "accession": header.accession,
             "patient": header.patient, "part": header.body_part, "views": []})
-        group["views"].append((path, header.sop_uid))
-    for path in unreadable:  # reported as a study that fails, with its reason, at decode
+        group["views"].append((path, valid_uid(header.sop_uid)))
+    for path in [*unreadable, *refused]:  # a study that fails, with its reason, at decode
         groups[(path, None)] = {"key": path, "uid": None, "accession": None, "patient": None,
                                 "part": None, "views": [(path, None)]}
     scan.unreadable = len(unreadable)
@@ -286,8 +321,21 @@ def describe_left_out(scan: DicomScan) -> str | None:
     return "; ".join(line) if line else None
 
 
-def walk_dicom(paths: Sequence[str]) -> list[str]:
-    """Those of `paths` that are DICOM files (by name or by the preamble)."""
+def _is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def walk_dicom(paths: Sequence[str], threads: int = 8) -> list[str]:
+    """Those of `paths` that are regular DICOM files (by name, or by the preamble read in
+    a pool of threads). FIFOs, sockets and devices are never opened."""
     from bonexray.imaging import is_dicom_path
 
-    return [p for p in paths if is_dicom_path(p) and os.path.isfile(p)]
+    regular = [p for p in paths if _is_regular(p)]
+    if len(regular) < 64:
+        return [p for p in regular if is_dicom_path(p)]
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        found = list(pool.map(is_dicom_path, regular))
+    return [p for p, yes in zip(regular, found, strict=True) if yes]

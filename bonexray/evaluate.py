@@ -251,14 +251,18 @@ def write_mura_predictions(*, session: Session, job_id: int, out: str | Path | T
                            relative_to: str | None = None) -> dict[str, int]:
     """Write a job's study predictions in MURA's official format (`study/,label` rows, no
     header; 1 abnormal, 0 normal), by path, to a file path or an open text stream. Studies
-    without a prediction are left out and counted: {"written": n, "unscored": m}."""
+    without a prediction are left out and counted, and so are DICOM studies (keyed by
+    StudyInstanceUID, not by a folder: `export-dicom` is their format):
+    {"written": n, "unscored": m, "not_folders": k}."""
     job = session.get(Job, job_id)
     if job is None:
         raise query.JobNotFoundError(f"no job with id {job_id}")
     rows = session.execute(
         select(Study.key, Study.prediction).where(Study.job_id == job_id)
     ).all()
-    scored = sorted((path, prediction) for path, prediction in rows if prediction is not None)
+    folders = [(key, prediction) for key, prediction in rows if os.path.isabs(key)]
+    scored = sorted((path, prediction) for path, prediction in folders
+                    if prediction is not None)
     def write(fh: TextIO) -> None:
         writer = csv.writer(fh, lineterminator="\n")
         for path, prediction in scored:
@@ -273,4 +277,5 @@ def write_mura_predictions(*, session: Session, job_id: int, out: str | Path | T
             write(fh)
     else:
         write(out)
-    return {"written": len(scored), "unscored": len(rows) - len(scored)}
+    return {"written": len(scored), "unscored": len(folders) - len(scored),
+            "not_folders": len(rows) - len(folders)}

@@ -66,6 +66,8 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
     # highdicom says at INFO which modules it copies into every SR it builds.
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))
+    # pydicom's warnings about damaged files quote header values (patient data).
+    logging.getLogger("pydicom").setLevel(max(logging.ERROR, root.level))
 
 
 def use_format(logger: logging.Logger, fmt: str) -> None:

@@ -168,7 +168,8 @@ def scan_studies(root: str | Path, *, patient_key: str | None = None) -> Scan:
 
         patient_key = get_settings().patient_key
     if root_path.is_file() and is_dicomdir(root_path):
-        scan = group_studies(dicomdir_files(root_path), patient_key=patient_key)
+        files = dicomdir_files(root_path)
+        scan = group_studies(files, patient_key=patient_key, refused=_outside_roots(files))
         return Scan(studies=_dicom_studies(scan), dicom=scan)
     if not root_path.is_dir():
         raise StudyError(f"not a folder (or a DICOMDIR): {root_path}")
@@ -195,7 +196,9 @@ def scan_studies(root: str | Path, *, patient_key: str | None = None) -> Scan:
             found.setdefault(study_path, [])
 
     studies = []
-    dicom_scan = group_studies(dicom_files, patient_key=patient_key) if dicom_files else None
+    dicom_scan = (group_studies(dicom_files, patient_key=patient_key,
+                                refused=_outside_roots(dicom_files))
+                  if dicom_files else None)
     for path in sorted(found):
         info = describe_path(path)
         label = labels.get(path, info["label"])
@@ -212,6 +215,15 @@ def scan_studies(root: str | Path, *, patient_key: str | None = None) -> Scan:
     if dicom_scan is not None:
         studies = sorted(studies + _dicom_studies(dicom_scan), key=lambda s: s.key)
     return Scan(studies=studies, dicom=dicom_scan)
+
+
+def _outside_roots(paths: list[str]) -> list[str]:
+    """Files (or symlinks to files) outside BONEXRAY_DATA_ROOTS: their headers are not
+    read; each becomes a study of its own that fails with the reason."""
+    from bonexray.security import data_roots, is_within
+
+    roots = data_roots()
+    return [p for p in paths if not is_within(p, roots)] if roots else []
 
 
 def _dicom_studies(scan: DicomScan) -> list[Study]:

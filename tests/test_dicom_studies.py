@@ -221,3 +221,66 @@ def test_decoding_a_view_read_from_a_grouped_study(tmp_path: Path) -> None:
     image = load_view(str(a["wrist"].resolve()), 32)
     assert image.shape == (32, 32) and image.dtype == np.uint8
     assert image[12:20, 6:26].mean() > image[22:28, 6:26].mean() + 40  # the bone bar
+
+
+def test_a_messy_tree_neither_hangs_nor_crashes_the_scan(tmp_path: Path) -> None:
+    """A FIFO is never opened; a header pydicom cannot parse, an over-long UID, a
+    multi-valued body part and a file outside the data roots each stay with their study
+    or fail as their own, and the scan goes on."""
+    from bonexray.settings import get_settings
+
+    u1 = generate_uid()
+    save(tmp_path / "a" / "good.dcm", radiograph(u1))
+    os.mkfifo(tmp_path / "a" / "pipe")  # opening it would block for ever
+    bad_vr = save(tmp_path / "a" / "badvr.dcm", radiograph(u1))
+    raw = bad_vr.read_bytes()
+    # PatientID (0010,0020) with an unknown VR "LX": pydicom raises NotImplementedError.
+    at = raw.index(b"\x10\x00\x20\x00LO")
+    bad_vr.write_bytes(raw[:at] + b"\x10\x00\x20\x00LX" + raw[at + 6:])
+    long_uid = "1.2." + "9" * 80  # not a UID a column can hold
+    save(tmp_path / "b" / "long.dcm", radiograph(long_uid, part=None))
+    multi = radiograph(u1, part=None)
+    multi.BodyPartExamined = ["HAND", "WRIST"]
+    save(tmp_path / "a" / "multi.dcm", multi)
+    outside = save(tmp_path.parent / f"{tmp_path.name}-outside" / "x.dcm", radiograph(u1))
+    os.symlink(outside, tmp_path / "a" / "link.dcm")
+    os.environ["BONEXRAY_DATA_ROOTS"] = str(tmp_path)
+    get_settings.cache_clear()
+    try:
+        scan = scan_studies(tmp_path, patient_key="")
+    finally:
+        del os.environ["BONEXRAY_DATA_ROOTS"]
+        get_settings.cache_clear()
+    by_key = {s.key: s for s in scan.studies}
+    # A PatientID pydicom cannot parse: the object keeps its study (no patient hash).
+    assert by_key[f"{u1}/hand"].views == (str(bad_vr.resolve()),
+                                          str((tmp_path / "a" / "good.dcm").resolve()))
+    assert by_key[u1].views == (str((tmp_path / "a" / "multi.dcm").resolve()),)  # two parts
+    long = by_key[long_uid]
+    assert long.study_uid is None and long.view_uids == (
+        pydicom.dcmread(tmp_path / "b" / "long.dcm").SOPInstanceUID,)
+    link = str(tmp_path.resolve() / "a" / "link.dcm")
+    assert by_key[link].views == (link,)  # not read: outside the roots
+    assert not any("pipe" in k for k in by_key)
+
+
+def test_damaged_headers_say_why_without_quoting_their_bytes(tmp_path: Path) -> None:
+    from bonexray.dicom import safe_reason
+    from bonexray.dicom_studies import read_header
+    from bonexray.imaging import ImageError
+
+    path = save(tmp_path / "x.dcm", radiograph(generate_uid()))
+    raw = path.read_bytes()
+    # SOPClassUID, in the dataset and in the file meta, with a VR pydicom cannot read.
+    for tag in (b"\x08\x00\x16\x00", b"\x02\x00\x02\x00"):
+        at = raw.index(tag + b"UI")
+        raw = raw[:at] + tag + b"LX" + raw[at + 6:]
+    path.write_bytes(raw)
+    with pytest.raises(ImageError, match="no SOPClassUID") as caught:
+        read_header(str(path))
+    assert PATIENT_ID not in str(caught.value)
+    # Readers' messages quote raw header bytes: those are cut out of the reason.
+    quoted = ValueError(f"bad value b'\\x10\\x00 {PATIENT_ID}' at (0010,0020)\nmore")
+    reason = safe_reason(quoted)
+    assert PATIENT_ID not in reason and reason.startswith("ValueError: bad value")
+    assert "\n" not in reason

@@ -322,7 +322,9 @@ def export_predictions(job: int, out: str, database_url: str | None,
     click.echo(f"wrote {summary['written']} predictions to "
                f"{'stdout' if out == '-' else out}"
                + (f"; {summary['unscored']} studies without a prediction left out"
-                  if summary["unscored"] else ""), err=True)
+                  if summary["unscored"] else "")
+               + (f"; {summary['not_folders']} DICOM studies left out (see export-dicom)"
+                  if summary["not_folders"] else ""), err=True)
 
 
 @cli.command("export-dicom", short_help="Write a job's DICOM results back as DICOM SR.")
