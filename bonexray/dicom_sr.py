@@ -22,7 +22,7 @@ is reported, not written.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,9 +147,10 @@ def read_sources(views: Sequence[tuple[str, float]]) -> list[Any]:
     return out
 
 
-def export_job(*, session: Any, job_id: int, out_dir: str | Path) -> ExportReport:
-    """Write the SR of every scored DICOM study of a job under `out_dir`, as
-    `<StudyInstanceUID>/<SR SOPInstanceUID>.dcm`."""
+def job_srs(*, session: Any, job_id: int, report: ExportReport,
+            studies: set[int] | None = None) -> Iterator[tuple[int, str, Any]]:
+    """(study id, study key, SR dataset) for every scored DICOM study of a job (those in
+    `studies` when given); the studies left out or failing are counted in `report`."""
     from sqlalchemy import select
 
     from bonexray.db.tables import Job, Model, Study, View
@@ -160,27 +161,27 @@ def export_job(*, session: Any, job_id: int, out_dir: str | Path) -> ExportRepor
         raise JobNotFoundError(f"no job {job_id} in the database")
     model = session.get(Model, job.model_id)
     threshold = (model.meta or {}).get("threshold")
-    report = ExportReport()
-    rows = session.execute(select(Study.id, Study.study_uid, Study.body_part, Study.score,
-                                  Study.prediction)
+    rows = session.execute(select(Study.id, Study.key, Study.study_uid, Study.body_part,
+                                  Study.score, Study.prediction)
                            .where(Study.job_id == job_id).order_by(Study.id)).all()
-    studies = []
+    chosen = []
     for row in rows:
+        if studies is not None and row.id not in studies:
+            continue
         if row.study_uid is None:
             report.not_dicom += 1
         elif row.score is None or row.prediction is None:
             report.unscored += 1
         else:
-            studies.append(row)
+            chosen.append(row)
     views: dict[int, list[tuple[str, float]]] = {}
-    if studies:
+    if chosen:
         for study_id, source, prob in session.execute(
                 select(View.study_id, View.source, View.prob)
-                .where(View.study_id.in_([s.id for s in studies]), View.prob.is_not(None))
+                .where(View.study_id.in_([s.id for s in chosen]), View.prob.is_not(None))
                 .order_by(View.study_id, View.id)):
             views.setdefault(study_id, []).append((source, prob))
-    out = Path(out_dir)
-    for row in studies:
+    for row in chosen:
         study = StudyForSR(study_id=row.id, study_uid=row.study_uid, body_part=row.body_part,
                            score=row.score, prediction=row.prediction,
                            views=tuple(views.get(row.id, ())))
@@ -189,17 +190,27 @@ def export_job(*, session: Any, job_id: int, out_dir: str | Path) -> ExportRepor
             sr = build_sr(study, model_name=model.name, model_sha256=model.sha256,
                           threshold=None if threshold is None else str(threshold),
                           sources=sources)
-            target = out / study.study_uid / f"{sr.SOPInstanceUID}.dcm"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            sr.save_as(target, enforce_file_format=True)
         except DicomExportError as exc:
             report.failed[row.id] = str(exc)
             continue
-        except OSError as exc:  # the output folder
-            report.failed[row.id] = f"cannot write its SR: {one_line(exc, limit=200)}"
-            continue
         except Exception as exc:  # highdicom's checks on a messy header: this study only
             report.failed[row.id] = f"cannot build its SR ({safe_reason(exc)})"
+            continue
+        yield row.id, row.key, sr
+
+
+def export_job(*, session: Any, job_id: int, out_dir: str | Path) -> ExportReport:
+    """Write the SR of every scored DICOM study of a job under `out_dir`, as
+    `<StudyInstanceUID>/<SR SOPInstanceUID>.dcm`."""
+    report = ExportReport()
+    out = Path(out_dir)
+    for study_id, _, sr in job_srs(session=session, job_id=job_id, report=report):
+        target = out / str(sr.StudyInstanceUID) / f"{sr.SOPInstanceUID}.dcm"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            sr.save_as(target, enforce_file_format=True)
+        except OSError as exc:  # the output folder
+            report.failed[study_id] = f"cannot write its SR: {one_line(exc, limit=200)}"
             continue
         report.written.append(str(target))
     log.info("job %d: %d SR objects written, %d failed, %d studies not DICOM, %d unscored",

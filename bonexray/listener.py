@@ -159,6 +159,27 @@ class Spool:
         _fsync_dir(pending.folder)
 
 
+    def undelivered(self) -> list[tuple[Path, int]]:
+        """(folder, job) of the studies whose latest job's results are not all sent."""
+        out = []
+        for folder in self.studies():
+            mark = self.marker(folder)
+            if mark and isinstance(mark.get("job"), int) and not mark.get("delivered"):
+                out.append((folder, int(mark["job"])))
+        return out
+
+    def mark_delivered(self, folder: Path) -> None:
+        mark = self.marker(folder) or {}
+        mark["delivered"] = True
+        tmp = folder / f".{MARKER}.{uuid.uuid4().hex[:8]}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(mark, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / MARKER)
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -223,11 +244,15 @@ def make_ae(ae_title: str, allow: tuple[str, ...]) -> Any:
 def serve(*, spool: Spool, submit: Callable[[Pending], int | None], ae_title: str,
           host: str, port: int, allow: tuple[str, ...], stable_seconds: float,
           stop: threading.Event, tick: float = 1.0,
-          on_ready: Callable[[], None] | None = None) -> ListenerStats:
-    """Run the SCP until `stop` is set; every `tick` seconds submit the complete studies.
+          on_ready: Callable[[], None] | None = None,
+          deliver: Callable[[int], bool] | None = None) -> ListenerStats:
+    """Run the SCP until `stop` is set; every `tick` seconds submit the complete studies,
+    and (with `deliver`) send the results of the spool's finished jobs.
 
     `submit` registers (and sends, or runs) a job for a pending study and returns its id;
-    it raises to say "not now" (database or broker away): the study stays pending."""
+    it raises to say "not now" (database or broker away): the study stays pending.
+    `deliver(job)` sends a job's results and returns True once nothing is left to send;
+    the marker records it, so a restart sends what was not sent yet."""
     from pynetdicom import evt
 
     quiet_pynetdicom()
@@ -264,6 +289,17 @@ def serve(*, spool: Spool, submit: Callable[[Pending], int | None], ae_title: st
                     break
                 spool.mark(pending, job=job)
                 stats.jobs += job is not None
+            if deliver is not None:
+                for folder, job in spool.undelivered():
+                    if stop.is_set():
+                        break
+                    try:
+                        if deliver(job):
+                            spool.mark_delivered(folder)
+                    except Exception as exc:  # database away: next tick
+                        stats.errors += 1
+                        log.warning("results of job %d not sent yet: %s", job,
+                                    one_line(exc, limit=200))
             stop.wait(tick)
     finally:
         server.shutdown()

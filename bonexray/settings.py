@@ -112,6 +112,9 @@ class Settings:
     listen_allow: str = ""
     spool_dir: str = "spool"
     stable_seconds: int = 10
+    # Where results go back as DICOM SR: "AET@host:port" (C-STORE) or a DICOMweb root URL
+    # (STOW-RS); empty: not sent. `listen --send-to` and `send-results --to` set it too.
+    send_to: str = ""
     log_level: str = "INFO"
     # "text" for a terminal, "json" for JSON lines (one object per record) for a fleet.
     log_format: str = "text"

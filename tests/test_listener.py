@@ -45,8 +45,9 @@ def free_port() -> int:
 class Listener:
     """`bonexray listen` in a subprocess of its own."""
 
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str]) -> None:
-        self.port = free_port()
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str],
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.log = tmp / f"listen-{uuid.uuid4().hex[:6]}.log"
         self.proc = subprocess.Popen(
             [*BONEXRAY, "listen", "--host", "127.0.0.1", "--port", str(self.port), *args],

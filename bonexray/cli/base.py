@@ -148,7 +148,7 @@ def job_id(db: Any, job: int | None) -> int:
 # The order `bonexray --help` lists commands in: the flow of the work, operators' tools last.
 FLOW = ("synth", "import", "train", "export", "models", "run", "enqueue", "listen", "worker",
         "status", "requeue", "results", "jobs", "evaluate", "export-predictions",
-        "export-dicom", "db", "bench")
+        "export-dicom", "send-results", "db", "bench")
 
 
 class FlowGroup(click.Group):

@@ -1,4 +1,5 @@
-"""Reading what jobs produced: `results`, `jobs`, `evaluate`, `export-predictions`."""
+"""Reading what jobs produced: `results`, `jobs`, `evaluate`, `export-predictions`,
+`export-dicom`, `send-results`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from bonexray.cli.render import (
     text,
     utc,
 )
+from bonexray.settings import get_settings
 
 RESULT_COLUMNS = ("study", "body_part", "label", "score", "prediction", "status", "partial",
                   "views", "views_failed", "error", "view_errors")
@@ -361,3 +363,49 @@ def export_dicom(job: int | None, out_dir: str, database_url: str | None, fmt: s
             click.echo(f"  study {study_id}: {reason}")
 
     emit(record, fmt, human)
+
+
+@cli.command("send-results", short_help="Send a job's DICOM SR results to a PACS.")
+@click.argument("job", type=int, required=False)
+@click.option("--to", "send_to", default=None, metavar="AET@HOST:PORT|URL",
+              help="C-STORE destination, or a DICOMweb root for STOW-RS [env: "
+                   "BONEXRAY_SEND_TO].")
+@click.option("--calling-aet", default=None,
+              help="Our AE title for C-STORE [env: BONEXRAY_LISTEN_AE_TITLE; default: "
+                   "BONEXRAY].")
+@db_option
+@output_format
+@user_errors
+def send_results(job: int | None, send_to: str | None, calling_aet: str | None,
+                 database_url: str | None, fmt: str) -> None:
+    """Send the SR of every scored DICOM study of JOB (the latest when omitted) to the PACS,
+    once per study, model and destination: studies sent before are skipped, failed ones
+    are tried again. Exit 1 when some could not be sent (see `status`)."""
+    from bonexray.delivery import deliver_job, parse_destination
+    from bonexray.errors import InvalidValueError
+
+    apply_overrides(database_url=database_url, send_to=send_to,
+                    listen_ae_title=calling_aet)
+    settings = get_settings()
+    if not settings.send_to:
+        raise InvalidValueError("no destination: give --to AET@HOST:PORT or a DICOMweb URL "
+                                "(or set BONEXRAY_SEND_TO)")
+    destination = parse_destination(settings.send_to)
+    db = base.engine(read_only=True)  # never a new database: there would be nothing to send
+    job_id = base.job_id(db, job)
+    done = deliver_job(engine=db, job_id=job_id, destination=destination,
+                       calling_aet=settings.listen_ae_title)
+    record = {"job": job_id, "destination": destination.text, "sent": done.sent,
+              "already": done.already, "failed": len(done.failed),
+              "not_dicom": done.not_dicom, "unscored": done.unscored,
+              "errors": {str(k): v for k, v in done.failed.items()}}
+
+    def human() -> None:
+        click.echo(f"job {job_id}: {done.sent} SR sent to {destination.text}, "
+                   f"{done.already} sent before, {len(done.failed)} failed")
+        for study_id, reason in sorted(done.failed.items()):
+            click.echo(f"  study {study_id}: {reason}")
+
+    emit(record, fmt, human)
+    if done.failed:
+        sys.exit(1)

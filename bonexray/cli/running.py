@@ -268,10 +268,14 @@ def worker(database_url: str | None, broker_url: str | None, concurrency: int, p
 @click.option("--embedded", is_flag=True,
               help="Classify each study in this process (no broker), as `run` does; by "
                    "default its job goes to the workers, as `enqueue` does.")
+@click.option("--send-to", default=None, metavar="AET@HOST:PORT|URL",
+              help="Send each finished study's SR there (C-STORE, or STOW-RS to a DICOMweb "
+                   "root), retrying failures every tick [env: BONEXRAY_SEND_TO].")
 @user_errors
 def listen(model_ref: str, database_url: str | None, broker_url: str | None,
            ae_title: str | None, host: str | None, port: int | None, allow: str | None,
-           spool_dir: str | None, stable_seconds: int | None, embedded: bool) -> None:
+           spool_dir: str | None, stable_seconds: int | None, embedded: bool,
+           send_to: str | None) -> None:
     """A DICOM C-STORE SCP for a PACS to route studies to: CR and DX For Presentation
     instances are spooled (acknowledged once on disk), and each study is classified once
     nothing new came for --stable-seconds; a later instance re-opens it. Answers C-ECHO.
@@ -287,8 +291,12 @@ def listen(model_ref: str, database_url: str | None, broker_url: str | None,
 
     apply_overrides(database_url=database_url, broker_url=broker_url,
                     listen_ae_title=ae_title, listen_host=host, listen_port=port,
-                    listen_allow=allow, spool_dir=spool_dir, stable_seconds=stable_seconds)
+                    listen_allow=allow, spool_dir=spool_dir, stable_seconds=stable_seconds,
+                    send_to=send_to)
     settings = get_settings()
+    from bonexray.delivery import parse_destination
+
+    destination = parse_destination(settings.send_to) if settings.send_to else None
     if not embedded:
         check_broker(settings)
     db = base.engine(model_ref=model_ref)
@@ -320,9 +328,30 @@ def listen(model_ref: str, database_url: str | None, broker_url: str | None,
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     allowed = tuple(a.strip() for a in settings.listen_allow.split(",") if a.strip())
+    def deliver(job_id: int) -> bool:
+        """Send a finished job's SRs; True once nothing is left to send."""
+        from bonexray.db.query import job_progress
+        from bonexray.db.session import session_scope
+        from bonexray.delivery import DeliveryError, deliver_job
+
+        assert destination is not None
+        with session_scope(db) as session:
+            if not job_progress(session=session, job_id=job_id)["finished"]:
+                return False
+        try:
+            done = deliver_job(engine=db, job_id=job_id, destination=destination,
+                               calling_aet=settings.listen_ae_title)
+        except DeliveryError as exc:
+            click.echo(f"note: job {job_id}: results not sent yet: {exc}", err=True)
+            return False
+        if done.sent:
+            click.echo(f"job {job_id}: {done.sent} SR sent to {destination.text}", err=True)
+        return not done.failed
+
     stats = serve(spool=spool, submit=submit, ae_title=settings.listen_ae_title,
                   host=settings.listen_host, port=settings.listen_port, allow=allowed,
                   stable_seconds=settings.stable_seconds, stop=stop,
+                  deliver=deliver if destination is not None else None,
                   on_ready=lambda: click.echo(
                       f"listening as {settings.listen_ae_title} on {settings.listen_host}:"
                       f"{settings.listen_port}; spool {spool.root}", err=True))
@@ -359,10 +388,14 @@ def status(job: int | None, database_url: str | None, wait: bool, fmt: str,
     job_id = base.job_id(db, job)
 
     def read() -> dict[str, Any]:
+        from bonexray.delivery import delivery_counts
+
         with session_scope(db) as session:
-            return job_progress(session=session, job_id=job_id,
-                                lease_seconds=settings.lease_seconds,
-                                stall_seconds=settings.stall_seconds)
+            progress = job_progress(session=session, job_id=job_id,
+                                    lease_seconds=settings.lease_seconds,
+                                    stall_seconds=settings.stall_seconds)
+            progress["deliveries"] = delivery_counts(session, job_id)
+            return progress
 
     p = read()
     if wait and p["state"] == "running":
@@ -373,7 +406,7 @@ def status(job: int | None, database_url: str | None, wait: bool, fmt: str,
         f"job {job_id}: {p['state']}; {p['done']} done{partial}, {p['failed']} failed, "
         f"{p['empty']} empty, {p['queued']} queued ({p['in_flight']} in flight) of "
         f"{p['studies']} studies; views {p['views_scored']} scored, {p['views_failed']} "
-        f"failed; {rate}"))
+        f"failed; {rate}" + _deliveries_line(p["deliveries"])))
     if p["state"] == STALLED:
         click.echo(f"job {job_id} is stalled: {p['queued']} studies unfinished, no worker "
                    f"holds any, no progress since {p['last_progress']} (are workers running "
@@ -385,6 +418,13 @@ def status(job: int | None, database_url: str | None, wait: bool, fmt: str,
         sys.exit(3)
     if p["finished"] and p["failed"]:
         sys.exit(EXIT_FAILURES)
+
+
+def _deliveries_line(d: dict[str, Any]) -> str:
+    if not d["sent"] and not d["failed"]:
+        return ""
+    failed = f", {d['failed']} failed (last: {d['last_error']})" if d["failed"] else ""
+    return f"\nresults sent to the PACS: {d['sent']} SR{failed}"
 
 
 def _follow(read: Callable[[], dict[str, Any]], p: dict[str, Any], interval: float,

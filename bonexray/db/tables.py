@@ -176,6 +176,29 @@ class View(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
 
+class Delivery(Base):
+    """A study's SR sent (or being sent) to a PACS destination: one row per (study key,
+    model, destination), so that nothing is sent twice for one study and model; a failed
+    send keeps its reason and is tried again."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("key", "model_id", "destination"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(Text)  # the study's key (StudyInstanceUID/part)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    destination: Mapped[str] = mapped_column(String(255))  # "AET@host:port" or a STOW URL
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"),
+                                               index=True)
+    study_id: Mapped[int | None] = mapped_column(
+        ForeignKey("studies.id", ondelete="SET NULL"))
+    status: Mapped[str] = mapped_column(String(16))  # sent / failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    sr_uid: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class BatchStat(Base):
     """Timing of one inference batch on one worker; keyed by (job, chunk delivery, batch
     number) so that a redelivered chunk rewrites its rows instead of adding more."""

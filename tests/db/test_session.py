@@ -24,7 +24,7 @@ from bonexray.db.session import (
 )
 from bonexray.db.tables import Base
 
-TABLES = {"models", "jobs", "studies", "views", "batch_stats", "evaluations",
+TABLES = {"models", "jobs", "studies", "views", "batch_stats", "evaluations", "deliveries",
           "database_identity", "alembic_version"}
 
 

@@ -1,0 +1,173 @@
+"""Against a real PACS (Debian's Orthanc with its DICOMweb plugin, on loopback high ports):
+studies routed from Orthanc to `bonexray listen`, scored, and their SR found back in
+Orthanc over QIDO-RS; `send-results` by STOW-RS once per study and model; an SR routed
+back never becomes a view; a destination that is away leaves failures visible."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("pynetdicom")
+pydicom = pytest.importorskip("pydicom")
+
+from pydicom.uid import generate_uid  # noqa: E402
+
+from bonexray.export.cheap import write_cheap_model  # noqa: E402
+from tests.cli_helpers import bonexray  # noqa: E402
+from tests.test_dicom_studies import radiograph, save  # noqa: E402
+from tests.test_listener import Listener, free_port, jobs, results, wait_for  # noqa: E402
+
+ORTHANC = shutil.which("Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+pytestmark = pytest.mark.skipif(
+    (ORTHANC is None or not DICOMWEB_PLUGIN.exists()) and not os.environ.get("CI"),
+    reason="Debian's orthanc and orthanc-dicomweb are not installed")
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+class OrthancServer:
+    def __init__(self, root: Path, modalities: dict[str, list[Any]]) -> None:
+        self.http, self.dicom = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http}"
+        config = {
+            "Name": "bonexray-test", "StorageDirectory": str(root / "storage"),
+            "IndexDirectory": str(root / "index"), "HttpPort": self.http,
+            "DicomPort": self.dicom, "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DeidentifyLogs": True, "DicomModalities": modalities,
+            "DicomCheckCalledAet": False, "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "StableAge": 1, "HttpTimeout": 30,
+        }
+        (root / "orthanc.json").write_text(json.dumps(config))
+        self.log = root / "orthanc.log"
+        assert ORTHANC is not None
+        self.proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")],
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_for(self._up, 60, f"Orthanc ({self.log})")
+
+    def _up(self) -> bool:
+        assert self.proc.poll() is None, self.log.read_text()[-2000:]
+        try:
+            self.get("/system")
+            return True
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read() or b"null")
+
+    def post(self, path: str, body: bytes, content_type: str = "application/octet-stream"
+             ) -> Any:
+        request = urllib.request.Request(self.url + path, data=body, method="POST",
+                                         headers={"Content-Type": content_type})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read() or b"null")
+
+    def qido_series(self, study_uid: str, modality: str) -> list[dict[str, Any]]:
+        request = urllib.request.Request(
+            f"{self.url}/dicom-web/studies/{study_uid}/series?Modality={modality}",
+            headers={"Accept": "application/dicom+json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = response.read()
+        return json.loads(body) if body else []
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    listen_port = free_port()
+    orthanc = OrthancServer(tmp_path, {"bonexray": ["BONEXRAY", "127.0.0.1", listen_port]})
+    model = write_cheap_model(tmp_path / "cheap.onnx", image_size=32)
+    env = {"BONEXRAY_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}"}
+    uid = generate_uid()
+    files = [save(tmp_path / "files" / f"cr{k}.dcm", radiograph(uid, part="WRIST"))
+             for k in range(2)]
+    started: list[Listener] = []
+    try:
+        yield {"orthanc": orthanc, "model": model, "env": env, "uid": uid, "files": files,
+               "listen_port": listen_port, "listeners": started, "tmp": tmp_path}
+    finally:
+        for listener in started:
+            listener.stop(signal.SIGKILL)
+        orthanc.stop()
+    assert "Doe" not in orthanc.log.read_text()  # DeidentifyLogs
+
+
+def upload(orthanc: OrthancServer, files: list[Path]) -> str:
+    study = ""
+    for path in files:
+        study = orthanc.post("/instances", path.read_bytes(), "application/dicom")["ParentStudy"]
+    return study
+
+
+def test_orthanc_routes_a_study_to_listen_and_gets_its_sr_back(world: dict[str, Any]) -> None:
+    orthanc = world["orthanc"]
+    study = upload(orthanc, world["files"])
+    listener = Listener(world["tmp"], "--model", world["model"], "--embedded", "--spool",
+                        str(world["tmp"] / "spool"), "--stable-seconds", "1", "--allow",
+                        "ORTHANC", "--send-to", f"ORTHANC@127.0.0.1:{orthanc.dicom}",
+                        env=world["env"], port=world["listen_port"])
+    world["listeners"].append(listener)
+    orthanc.post("/modalities/bonexray/store", study.encode())
+    rows = wait_for(lambda: [r for r in results(world["env"]) if r["status"] == "done"],
+                    what="the routed study's result")
+    assert [r["study"] for r in rows] == [f"{world['uid']}/wrist"]
+    series = wait_for(lambda: orthanc.qido_series(world["uid"], "SR"), 60, "the SR in Orthanc")
+    assert len(series) == 1
+    assert series[0]["0020000D"]["Value"] == [world["uid"]]  # in the study it reports on
+    job = jobs(world["env"])[0]["job"]
+    status = json.loads(bonexray("status", str(job), "--json", env=world["env"]).stdout)
+    assert status["deliveries"]["sent"] == 1 and status["deliveries"]["failed"] == 0
+    # The SR routed to the listener (as a PACS rule might): refused at association, never
+    # spooled, never a view of a job.
+    (sr_instance,) = [i["ID"] for i in orthanc.get(f"/studies/{study}/instances")
+                      if i["MainDicomTags"]["SOPInstanceUID"] not in
+                      {pydicom.dcmread(f).SOPInstanceUID for f in world["files"]}]
+    with pytest.raises(urllib.error.HTTPError):
+        orthanc.post("/modalities/bonexray/store", sr_instance.encode())
+    time.sleep(3)  # a tick or two for a (wrong) new job
+    spooled = [p for p in (world["tmp"] / "spool").rglob("*.dcm")]
+    assert len(spooled) == 2 and len(jobs(world["env"])) == 1
+    assert len(orthanc.get(f"/studies/{study}/instances")) == 3  # 2 CR + 1 SR, no more
+
+
+def test_send_results_by_stow_once_per_study_and_model(world: dict[str, Any]) -> None:
+    orthanc, env = world["orthanc"], world["env"]
+    bonexray("run", str(world["files"][0].parent), "--model", world["model"], env=env)
+    stow = f"{orthanc.url}/dicom-web"
+    first = json.loads(bonexray("send-results", "--to", stow, "--json", env=env).stdout)
+    assert (first["sent"], first["failed"]) == (1, 0)
+    series = orthanc.qido_series(world["uid"], "SR")
+    assert len(series) == 1
+    again = json.loads(bonexray("send-results", "--to", stow, "--json", env=env).stdout)
+    assert (again["sent"], again["already"]) == (0, 1)
+    assert len(orthanc.qido_series(world["uid"], "SR")) == 1
+    # A destination that is away: the failure is kept and shown, exit 1; later it goes.
+    away = f"NOBODY@127.0.0.1:{free_port()}"
+    failed = bonexray("send-results", "--to", away, "--json", env=env, check=False)
+    assert failed.returncode in (1, 2), failed.stderr
+    job = jobs(env)[0]["job"]
+    status = json.loads(bonexray("status", str(job), "--json", env=env, check=False).stdout)
+    assert status["deliveries"]["failed"] == 1 and status["deliveries"]["last_error"]
