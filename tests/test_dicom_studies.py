@@ -59,6 +59,7 @@ def structured_report(study_uid: str) -> Dataset:
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = SR, meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.Modality, ds.PatientID = study_uid, "SR", PATIENT_ID
+    ds.SeriesInstanceUID = generate_uid()
     return ds
 
 

@@ -171,3 +171,49 @@ def test_send_results_by_stow_once_per_study_and_model(world: dict[str, Any]) ->
     job = jobs(env)[0]["job"]
     status = json.loads(bonexray("status", str(job), "--json", env=env, check=False).stdout)
     assert status["deliveries"]["failed"] == 1 and status["deliveries"]["last_error"]
+
+
+def test_pull_retrieves_radiographs_by_dicomweb_resumably_and_once(world: dict[str, Any]
+                                                                 ) -> None:
+    from tests.test_dicom_studies import structured_report
+
+    orthanc, env, tmp = world["orthanc"], world["env"], world["tmp"]
+    hand_uid = generate_uid()
+    hand = [save(tmp / "files" / f"hand{k}.dcm", radiograph(hand_uid, part="HAND"))
+            for k in range(3)]
+    sr = save(tmp / "files" / "sr.dcm", structured_report(hand_uid))
+    upload(orthanc, world["files"])
+    upload(orthanc, [*hand, sr])
+    spool = tmp / "spool"
+    # A pull killed halfway: one instance of the hand study is in the spool already.
+    from bonexray.listener import Spool
+
+    Spool(spool).store(hand_uid, pydicom.dcmread(hand[0]).SOPInstanceUID,
+                       hand[0].read_bytes())
+    kept = next((spool / hand_uid).glob("*.dcm"))
+    before = kept.stat().st_mtime_ns
+    web = f"{orthanc.url}/dicom-web"
+    first = json.loads(bonexray("pull", web, "--model", world["model"], "--embedded",
+                                "--spool", str(spool), "--json", env=env).stdout)
+    assert (first["studies"], first["retrieved"], first["present"]) == (2, 4, 1)
+    assert len(first["jobs"]) == 2 and kept.stat().st_mtime_ns == before
+    rows: dict[str, Any] = {}
+    for job in first["jobs"]:
+        rows.update({r["study"]: r for r in json.loads(
+            bonexray("results", str(job), "--json", env=env).stdout)})
+    assert set(rows) == {f"{world['uid']}/wrist", f"{hand_uid}/hand"}
+    assert len(rows[f"{hand_uid}/hand"]["views"]) == 3  # the SR was never retrieved
+    assert len(list((spool / hand_uid).glob("*.dcm"))) == 3
+    # Again: both studies are scored with this model; nothing is retrieved or sent.
+    again = json.loads(bonexray("pull", web, "--model", world["model"], "--embedded",
+                                "--spool", str(spool), "--json", env=env).stdout)
+    assert (again["skipped"], again["retrieved"], again["jobs"]) == (2, 0, [])
+    # Filters: a body part, and an accession number.
+    wrist = json.loads(bonexray("pull", web, "--model", world["model"], "--embedded",
+                                "--spool", str(tmp / "spool2"), "--body-part", "wrist",
+                                "--force", "--json", env=env).stdout)
+    assert wrist["retrieved"] == 2 and len(wrist["jobs"]) == 1
+    by_accession = json.loads(bonexray(
+        "pull", web, "--model", world["model"], "--embedded", "--spool", str(tmp / "spool3"),
+        "--accession", "ACC" + hand_uid[-6:], "--force", "--json", env=env).stdout)
+    assert (by_accession["studies"], by_accession["retrieved"]) == (1, 3)

@@ -146,7 +146,8 @@ def job_id(db: Any, job: int | None) -> int:
 
 
 # The order `bonexray --help` lists commands in: the flow of the work, operators' tools last.
-FLOW = ("synth", "import", "train", "export", "models", "run", "enqueue", "listen", "worker",
+FLOW = ("synth", "import", "train", "export", "models", "run", "enqueue", "listen", "pull",
+        "worker",
         "status", "requeue", "results", "jobs", "evaluate", "export-predictions",
         "export-dicom", "send-results", "db", "bench")
 

@@ -283,11 +283,10 @@ def listen(model_ref: str, database_url: str | None, broker_url: str | None,
     import signal
     import threading
 
-    from bonexray.jobs import NothingToSend, check_broker, prepare_job, run_embedded, send_job
-    from bonexray.listener import Pending, Spool, serve
+    from bonexray.jobs import check_broker
+    from bonexray.listener import Spool, serve
     from bonexray.modelstore import resolve_model
     from bonexray.pipeline.chunks import get_classifier
-    from bonexray.studies import StudyError
 
     apply_overrides(database_url=database_url, broker_url=broker_url,
                     listen_ae_title=ae_title, listen_host=host, listen_port=port,
@@ -304,25 +303,7 @@ def listen(model_ref: str, database_url: str | None, broker_url: str | None,
     if embedded:
         get_classifier(model, settings)
     spool = Spool(settings.spool_dir)
-    mode = "embedded" if embedded else "celery"
-
-    def submit(pending: Pending) -> int | None:
-        try:
-            job = prepare_job(engine=db, root=str(pending.folder), model=model, mode=mode,
-                              options={"source": "listen", "instances": pending.instances},
-                              skip_done=not pending.reopened)
-        except NothingToSend:
-            return None
-        except StudyError as exc:  # nothing classifiable in it: recorded, not retried
-            click.echo(f"note: a spooled study holds nothing to classify: {exc}", err=True)
-            return None
-        if embedded:
-            run_embedded(engine=db, job=job, settings=settings)
-        else:
-            send_job(engine=db, job=job, settings=settings)
-        click.echo(f"job {job.job_id}: {job.studies} studies ({job.views} views) from the "
-                   f"spool{' (re-opened)' if pending.reopened else ''}", err=True)
-        return job.job_id
+    submit = _spool_submitter(db, model, settings, embedded=embedded, source="listen")
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -356,6 +337,105 @@ def listen(model_ref: str, database_url: str | None, broker_url: str | None,
                       f"listening as {settings.listen_ae_title} on {settings.listen_host}:"
                       f"{settings.listen_port}; spool {spool.root}", err=True))
     click.echo(f"stopped: {stats.received} instances received, {stats.jobs} jobs", err=True)
+
+
+def _spool_submitter(db: Any, model: Any, settings: Any, *, embedded: bool,
+                     source: str) -> Callable[[Any], int | None]:
+    """A spooled study's folder -> a job, through `run`'s or `enqueue`'s code path."""
+    from bonexray.jobs import NothingToSend, prepare_job, run_embedded, send_job
+    from bonexray.studies import StudyError
+
+    mode = "embedded" if embedded else "celery"
+
+    def submit(pending: Any) -> int | None:
+        try:
+            job = prepare_job(engine=db, root=str(pending.folder), model=model, mode=mode,
+                              options={"source": source, "instances": pending.instances},
+                              skip_done=not pending.reopened)
+        except NothingToSend:
+            return None
+        except StudyError as exc:  # nothing classifiable in it: recorded, not retried
+            click.echo(f"note: a spooled study holds nothing to classify: {exc}", err=True)
+            return None
+        if embedded:
+            run_embedded(engine=db, job=job, settings=settings)
+        else:
+            send_job(engine=db, job=job, settings=settings)
+        click.echo(f"job {job.job_id}: {job.studies} studies ({job.views} views) from the "
+                   f"spool{' (re-opened)' if pending.reopened else ''}", err=True)
+        return job.job_id
+
+    return submit
+
+
+@cli.command(short_help="Pull studies from a DICOMweb server and classify them.")
+@click.argument("url")
+@click.option("--model", "model_ref", required=True, help="model.onnx path or registered name.")
+@db_option
+@broker_option
+@click.option("--since", default=None, metavar="YYYY-MM-DD", help="Studies from this date.")
+@click.option("--until", default=None, metavar="YYYY-MM-DD", help="Studies up to this date.")
+@click.option("--modality", "modalities", default="CR,DX", show_default=True,
+              help="Series modalities to retrieve (comma-separated).")
+@click.option("--body-part", default=None,
+              help="Only series whose BodyPartExamined or description names this part "
+                   "(series that name none are kept; the headers decide the study's part).")
+@click.option("--accession", default=None, help="Only this AccessionNumber.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="At most this many studies from the search.")
+@click.option("--spool", "spool_dir", default=None, type=click.Path(file_okay=False),
+              help="Where instances are kept [env: BONEXRAY_SPOOL_DIR; default: spool].")
+@click.option("--embedded", is_flag=True,
+              help="Classify in this process (no broker), as `run` does.")
+@click.option("--force", is_flag=True,
+              help="Also pull studies already scored with this model.")
+@output_format
+@user_errors
+def pull(url: str, model_ref: str, database_url: str | None, broker_url: str | None,
+         since: str | None, until: str | None, modalities: str, body_part: str | None,
+         accession: str | None, limit: int | None, spool_dir: str | None, embedded: bool,
+         force: bool, fmt: str) -> None:
+    """Search the DICOMweb server at URL (QIDO-RS), retrieve the matching CR/DX series
+    (WADO-RS) into the spool, and classify each study as `enqueue` (or `run`, with
+    --embedded) does. Instances already spooled are not retrieved again; studies already
+    scored with this model are skipped."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from bonexray.jobs import check_broker
+    from bonexray.listener import Spool
+    from bonexray.modelstore import resolve_model
+    from bonexray.pipeline.chunks import get_classifier
+    from bonexray.pull import date_range
+    from bonexray.pull import pull as run_pull
+
+    apply_overrides(database_url=database_url, broker_url=broker_url, spool_dir=spool_dir)
+    settings = get_settings()
+    dates = date_range(since, until)
+    if not embedded:
+        check_broker(settings)
+    db = base.engine(model_ref=model_ref)
+    model = resolve_model(engine=db, ref=model_ref)
+    if embedded:
+        get_classifier(model, settings)
+    spool = Spool(settings.spool_dir)
+    done = run_pull(client=DICOMwebClient(url=url.rstrip("/")), engine=db, model=model,
+                    spool=spool,
+                    submit=_spool_submitter(db, model, settings, embedded=embedded,
+                                            source="pull"),
+                    dates=dates, modalities=[m.strip() for m in modalities.split(",")
+                                             if m.strip()],
+                    accession=accession, body_part=body_part.lower() if body_part else None,
+                    limit=limit, force=force)
+    record = {"studies": done.studies_found, "skipped": done.skipped_done,
+              "retrieved": done.instances_retrieved, "present": done.instances_present,
+              "jobs": done.jobs, "failed": done.failed}
+    emit(record, fmt, lambda: click.echo(
+        f"pull: {done.studies_found} studies found, {done.skipped_done} already scored with "
+        f"this model, {done.instances_retrieved} instances retrieved "
+        f"({done.instances_present} already spooled), jobs {done.jobs or 'none'}"
+        + "".join(f"\n  {uid}: {reason}" for uid, reason in done.failed.items())))
+    if done.failed:
+        sys.exit(1)
 
 
 @cli.command(short_help="Follow a job's progress.")
