@@ -20,6 +20,7 @@ study once it is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -88,6 +89,18 @@ class Spool:
             os.chmod(self.root, 0o700)
         except OSError as exc:
             raise ListenError(f"spool {self.root} unusable: {one_line(exc)}") from None
+
+    def clean(self, older_than: float = 3600.0) -> int:
+        """Remove the partial files of writes that never finished (a killed listener or
+        pull), once they are `older_than` seconds old; returns how many."""
+        removed = 0
+        cutoff = time.time() - older_than
+        for part in self.root.glob("*/.*.part"):
+            with contextlib.suppress(OSError):
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+                    removed += 1
+        return removed
 
     def store(self, study_uid: str, sop_uid: str, data: bytes) -> Path:
         """Write one instance durably; returns its path (an existing one is replaced)."""
@@ -263,6 +276,7 @@ def serve(*, spool: Spool, submit: Callable[[Pending], int | None], ae_title: st
         with lock:
             stats.received += 1
 
+    spool.clean()
     ae = make_ae(ae_title, allow)
     handlers = [(evt.EVT_C_STORE, store_handler(spool, received)),
                 (evt.EVT_C_ECHO, lambda event: SUCCESS)]

@@ -46,6 +46,7 @@ class PullReport:
     instances_retrieved: int = 0
     instances_present: int = 0  # in the spool already
     jobs: list[int] = field(default_factory=list)
+    folders: dict[int, Any] = field(default_factory=dict)  # job -> its spool folder
     failed: dict[str, str] = field(default_factory=dict)  # study UID -> reason
 
 
@@ -192,6 +193,7 @@ def pull(*, client: Any, engine: Engine, model: Any, spool: Any,
         spool.mark(pending, job=job)
         if job is not None:
             report.jobs.append(job)
+            report.folders[job] = folder
     log.info("pull: %d studies found, %d skipped as scored, %d instances retrieved, %d "
              "jobs", report.studies_found, report.skipped_done, report.instances_retrieved,
              len(report.jobs))

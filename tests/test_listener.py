@@ -192,3 +192,37 @@ def test_without_embedded_the_job_goes_to_the_workers(setup, listeners, tmp_path
         client.delete(queue)
         client.close()
     assert job["mode"] == "celery" and job["studies"] == 1
+
+
+@needs_dcmtk
+def test_a_listener_killed_mid_association_loses_nothing_it_acknowledged(setup, listeners,
+                                                                         tmp_path):
+    """Killed while a PACS is sending: what was acknowledged is in the spool, whole; the
+    PACS sends the rest again to the restarted listener, and the study is scored once,
+    with every view."""
+    from bonexray.listener import Spool
+
+    u = generate_uid()
+    files = [save(tmp_path / "many" / f"v{k:02d}.dcm", radiograph(u)) for k in range(40)]
+    first = Listener(tmp_path, "--model", setup["model"], "--embedded", "--spool",
+                     str(setup["spool"]), "--stable-seconds", "600", env=setup["env"])
+    listeners.append(first)
+    assert STORESCU is not None
+    sending = subprocess.Popen([STORESCU, "-aet", "STORESCU", "-aec", "BONEXRAY", "127.0.0.1",
+                                str(first.port), *map(str, files)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = setup["spool"] / u
+    wait_for(lambda: folder.is_dir() and len(Spool.instances(folder)) >= 5, 60,
+             "the first instances")
+    first.stop(signal.SIGKILL)
+    assert sending.wait(timeout=60) != 0 or len(Spool.instances(folder)) == len(files)
+    kept = Spool.instances(folder)
+    for path in kept:  # every acknowledged instance is a whole, readable file
+        assert pydicom.dcmread(path).StudyInstanceUID == u
+    again = Listener(tmp_path, "--model", setup["model"], "--embedded", "--spool",
+                     str(setup["spool"]), "--stable-seconds", "1", env=setup["env"])
+    listeners.append(again)
+    assert again.send(*files).returncode == 0  # the PACS's retry
+    rows = wait_for(lambda: [r for r in results(setup["env"]) if r["status"] == "done"
+                             and len(r["views"]) == len(files)], what="the whole study")
+    assert rows and len(Spool.instances(folder)) == len(files)

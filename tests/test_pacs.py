@@ -217,3 +217,11 @@ def test_pull_retrieves_radiographs_by_dicomweb_resumably_and_once(world: dict[s
         "pull", web, "--model", world["model"], "--embedded", "--spool", str(tmp / "spool3"),
         "--accession", "ACC" + hand_uid[-6:], "--force", "--json", env=env).stdout)
     assert (by_accession["studies"], by_accession["retrieved"]) == (1, 3)
+    # With --embedded --send-to, each pulled study's SR goes back at once (STOW-RS here).
+    before = len(orthanc.qido_series(hand_uid, "SR"))  # the SR uploaded with the study
+    back = json.loads(bonexray(
+        "pull", web, "--model", world["model"], "--embedded", "--spool", str(tmp / "spool4"),
+        "--accession", "ACC" + hand_uid[-6:], "--force", "--send-to", web, "--json",
+        env=env).stdout)
+    assert (back["sr_sent"], back["sr_failed"]) == (1, 0)
+    assert len(orthanc.qido_series(hand_uid, "SR")) == before + 1

@@ -389,18 +389,23 @@ def _spool_submitter(db: Any, model: Any, settings: Any, *, embedded: bool,
               help="Classify in this process (no broker), as `run` does.")
 @click.option("--force", is_flag=True,
               help="Also pull studies already scored with this model.")
+@click.option("--send-to", default=None, metavar="AET@HOST:PORT|URL",
+              help="With --embedded: send each study's SR there once scored (C-STORE or "
+                   "STOW-RS) [env: BONEXRAY_SEND_TO]. Without it, a `listen --send-to` "
+                   "on the same spool sends them once the workers are done.")
 @output_format
 @user_errors
 def pull(url: str, model_ref: str, database_url: str | None, broker_url: str | None,
          since: str | None, until: str | None, modalities: str, body_part: str | None,
          accession: str | None, limit: int | None, spool_dir: str | None, embedded: bool,
-         force: bool, fmt: str) -> None:
+         force: bool, send_to: str | None, fmt: str) -> None:
     """Search the DICOMweb server at URL (QIDO-RS), retrieve the matching CR/DX series
     (WADO-RS) into the spool, and classify each study as `enqueue` (or `run`, with
     --embedded) does. Instances already spooled are not retrieved again; studies already
     scored with this model are skipped."""
     from dicomweb_client.api import DICOMwebClient
 
+    from bonexray.delivery import DeliveryError, deliver_job, parse_destination
     from bonexray.jobs import check_broker
     from bonexray.listener import Spool
     from bonexray.modelstore import resolve_model
@@ -408,9 +413,12 @@ def pull(url: str, model_ref: str, database_url: str | None, broker_url: str | N
     from bonexray.pull import date_range
     from bonexray.pull import pull as run_pull
 
-    apply_overrides(database_url=database_url, broker_url=broker_url, spool_dir=spool_dir)
+    apply_overrides(database_url=database_url, broker_url=broker_url, spool_dir=spool_dir,
+                    send_to=send_to)
     settings = get_settings()
     dates = date_range(since, until)
+    destination = parse_destination(settings.send_to) if settings.send_to and embedded \
+        else None
     if not embedded:
         check_broker(settings)
     db = base.engine(model_ref=model_ref)
@@ -426,15 +434,30 @@ def pull(url: str, model_ref: str, database_url: str | None, broker_url: str | N
                                              if m.strip()],
                     accession=accession, body_part=body_part.lower() if body_part else None,
                     limit=limit, force=force)
+    sent, unsent = 0, 0
+    if destination is not None:
+        for job_id in done.jobs:
+            try:
+                report = deliver_job(engine=db, job_id=job_id, destination=destination,
+                                     calling_aet=settings.listen_ae_title)
+            except DeliveryError as exc:
+                click.echo(f"note: job {job_id}: results not sent: {exc}", err=True)
+                unsent += 1
+                continue
+            sent += report.sent
+            unsent += len(report.failed)
+            if not report.failed:
+                spool.mark_delivered(done.folders[job_id])
     record = {"studies": done.studies_found, "skipped": done.skipped_done,
               "retrieved": done.instances_retrieved, "present": done.instances_present,
-              "jobs": done.jobs, "failed": done.failed}
+              "jobs": done.jobs, "failed": done.failed, "sr_sent": sent,
+              "sr_failed": unsent}
     emit(record, fmt, lambda: click.echo(
         f"pull: {done.studies_found} studies found, {done.skipped_done} already scored with "
         f"this model, {done.instances_retrieved} instances retrieved "
         f"({done.instances_present} already spooled), jobs {done.jobs or 'none'}"
         + "".join(f"\n  {uid}: {reason}" for uid, reason in done.failed.items())))
-    if done.failed:
+    if done.failed or unsent:
         sys.exit(1)
 
 
