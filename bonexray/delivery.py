@@ -67,8 +67,8 @@ def _encoded(ds: Any) -> bytes:
     return buffer.getvalue()
 
 
-def send_dimse(datasets: Sequence[Any], dest: Destination,
-               calling_aet: str) -> dict[str, str | None]:
+def send_dimse(datasets: Sequence[Any], dest: Destination, calling_aet: str,
+               timeout: float = 10) -> dict[str, str | None]:
     """C-STORE each dataset in one association: {SOPInstanceUID: None or the reason}."""
     from pynetdicom import AE
 
@@ -76,6 +76,9 @@ def send_dimse(datasets: Sequence[Any], dest: Destination,
 
     quiet_pynetdicom()
     ae = AE(ae_title=calling_aet)
+    # A PACS that does not answer costs seconds, not the operating system's TCP timeout.
+    ae.connection_timeout, ae.acse_timeout = timeout, timeout
+    ae.dimse_timeout, ae.network_timeout = 2 * timeout, 2 * timeout
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
@@ -84,13 +87,22 @@ def send_dimse(datasets: Sequence[Any], dest: Destination,
     out: dict[str, str | None] = {}
     try:
         for ds in datasets:
-            status = assoc.send_c_store(ds)
+            uid = str(ds.SOPInstanceUID)
+            if not assoc.is_established:
+                out[uid] = "the association was aborted"
+                continue
+            try:
+                status = assoc.send_c_store(ds)
+            except (ValueError, RuntimeError) as exc:  # no accepted context; aborted
+                out[uid] = f"C-STORE not possible: {one_line(exc, limit=160)}"
+                continue
             code = int(getattr(status, "Status", -1)) if status else -1
             # 0x0000 success; 0xB000, 0xB007, 0xB006: stored with a warning.
-            out[str(ds.SOPInstanceUID)] = None if code in (0x0000, 0xB000, 0xB006, 0xB007) \
+            out[uid] = None if code in (0x0000, 0xB000, 0xB006, 0xB007) \
                 else (f"C-STORE status 0x{code:04X}" if code >= 0 else "no C-STORE response")
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
     return out
 
 
@@ -111,13 +123,32 @@ def send_stow(datasets: Sequence[Any], dest: Destination,
                  "Accept": "application/dicom+json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            ok = 200 <= response.status < 300
-            reason = None if ok else f"STOW-RS HTTP {response.status}"
-    except urllib.error.HTTPError as exc:
-        reason = f"STOW-RS HTTP {exc.code}"
+            code, answer = response.status, response.read()
+    except urllib.error.HTTPError as exc:  # 400/409 may still have stored some instances
+        code, answer = exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
         raise DeliveryError(f"{dest.text}: {one_line(exc, limit=160)}") from None
-    return {str(ds.SOPInstanceUID): reason for ds in datasets}
+    stored = _stow_stored(answer)
+    default = None if 200 <= code < 300 else f"STOW-RS HTTP {code}"
+    if stored is None:  # no per-instance answer: the status says it for all
+        return {str(ds.SOPInstanceUID): default for ds in datasets}
+    return {str(ds.SOPInstanceUID): None if str(ds.SOPInstanceUID) in stored
+            else (default or "STOW-RS: not among the stored instances") for ds in datasets}
+
+
+def _stow_stored(body: bytes) -> set[str] | None:
+    """The SOPInstanceUIDs a STOW-RS response lists as stored (ReferencedSOPSequence,
+    0008,1199), or None when it lists none in a form we read."""
+    import json
+
+    try:
+        answer = json.loads(body or b"null")
+    except ValueError:
+        return None
+    if not isinstance(answer, dict) or "00081199" not in answer:
+        return None
+    items = (answer["00081199"] or {}).get("Value") or []
+    return {str(((item.get("00081155") or {}).get("Value") or [""])[0]) for item in items}
 
 
 @dataclass
@@ -126,6 +157,8 @@ class DeliveryReport:
     sent: int = 0
     already: int = 0  # sent earlier for this study, model and destination
     failed: dict[int, str] = field(default_factory=dict)  # study id -> reason
+    # Of those, the ones a retry cannot fix (their SR could not be built).
+    permanent: set[int] = field(default_factory=set)
     not_dicom: int = 0
     unscored: int = 0
 
@@ -181,6 +214,7 @@ def deliver_job(*, engine: Engine, job_id: int, destination: Destination,
             report.sent += 1
         else:
             report.failed[study_id] = error
+    report.permanent = set(failed_build)
     log.info("job %d: %d SR sent, %d failed, %d sent before", job_id, report.sent,
              len(report.failed), report.already)
     if unreachable is not None:
@@ -190,28 +224,43 @@ def deliver_job(*, engine: Engine, job_id: int, destination: Destination,
 
 def _record(engine: Engine, *, job_id: int, model_id: int, destination: str,
             keys: dict[int, str], outcomes: dict[int, tuple[str | None, str | None]]) -> None:
+    from sqlalchemy.exc import IntegrityError
+
     from bonexray.db.session import session_scope
-    from bonexray.db.tables import Delivery, utcnow
 
     if not outcomes:
         return
-    with session_scope(engine) as session:
-        existing = {d.key: d for d in session.scalars(
-            select(Delivery).where(Delivery.model_id == model_id,
-                                   Delivery.destination == destination,
-                                   Delivery.key.in_([keys[s] for s in outcomes])))}
-        for study_id, (sr_uid, error) in outcomes.items():
-            row = existing.get(keys[study_id])
-            if row is None:
-                row = Delivery(key=keys[study_id], model_id=model_id,
-                               destination=destination, attempts=0)
-                session.add(row)
-            if row.status == SENT:
-                continue
-            row.job_id, row.study_id = job_id, study_id
-            row.status = SENT if error is None else FAILED
-            row.attempts = (row.attempts or 0) + 1
-            row.sr_uid, row.error, row.updated_at = sr_uid, error, utcnow()
+    try:
+        with session_scope(engine) as session:
+            _record_rows(session, job_id=job_id, model_id=model_id, destination=destination,
+                         keys=keys, outcomes=outcomes)
+    except IntegrityError:
+        # Another process (send-results beside a listener) recorded the same study first:
+        # its row stands; the SR UIDs are the same, so the PACS holds one SR.
+        log.warning("job %d: another sender recorded these deliveries first", job_id)
+
+
+def _record_rows(session: Any, *, job_id: int, model_id: int, destination: str,
+                 keys: dict[int, str],
+                 outcomes: dict[int, tuple[str | None, str | None]]) -> None:
+    from bonexray.db.tables import Delivery, utcnow
+
+    existing = {d.key: d for d in session.scalars(
+        select(Delivery).where(Delivery.model_id == model_id,
+                               Delivery.destination == destination,
+                               Delivery.key.in_([keys[s] for s in outcomes])))}
+    for study_id, (sr_uid, error) in outcomes.items():
+        row = existing.get(keys[study_id])
+        if row is None:
+            row = Delivery(key=keys[study_id], model_id=model_id, destination=destination,
+                           attempts=0)
+            session.add(row)
+        if row.status == SENT:
+            continue
+        row.job_id, row.study_id = job_id, study_id
+        row.status = SENT if error is None else FAILED
+        row.attempts = (row.attempts or 0) + 1
+        row.sr_uid, row.error, row.updated_at = sr_uid, error, utcnow()
 
 
 def delivery_counts(session: Any, job_id: int) -> dict[str, Any]:

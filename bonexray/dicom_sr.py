@@ -91,6 +91,14 @@ def build_sr(study: StudyForSR, *, model_name: str, model_sha256: str,
     from pydicom.uid import generate_uid
 
     finding = ABNORMAL if study.prediction == "abnormal" else NORMAL
+    # The same study, model and views always give the same UIDs: an SR sent again (a retry
+    # after a lost response) replaces itself in the PACS instead of adding a second one.
+    evidence_uids = sorted(str(ds.SOPInstanceUID) for ds in sources)
+    seed = ["bonexray-sr", study.study_uid, study.body_part or "", model_sha256,
+            *evidence_uids]
+
+    def uid(role: str) -> str:
+        return str(generate_uid(entropy_srcs=[*seed, role]))
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -105,7 +113,7 @@ def build_sr(study: StudyForSR, *, model_name: str, model_sha256: str,
         sites.append(hd.sr.FindingSite(anatomic_location=_code(value, "SCT", meaning)))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(), identifier="musculoskeletal radiograph abnormality"),
+            uid=uid("tracking"), identifier="musculoskeletal radiograph abnormality"),
         algorithm_id=algorithm,
         finding_sites=sites or None,
         measurements=[hd.sr.Measurement(
@@ -121,8 +129,8 @@ def build_sr(study: StudyForSR, *, model_name: str, model_sha256: str,
         procedure_reported=_code("363680008", "SCT", "Radiographic imaging procedure"),
         imaging_measurements=[group])
     return hd.sr.Comprehensive3DSR(
-        evidence=list(sources), content=report[0], series_instance_uid=generate_uid(),
-        series_number=SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
+        evidence=list(sources), content=report[0], series_instance_uid=uid("series"),
+        series_number=SERIES_NUMBER, sop_instance_uid=uid("instance"), instance_number=1,
         manufacturer="bonexray", is_complete=True, is_final=False, is_verified=False,
         series_description="bonexray abnormality (not verified)")
 

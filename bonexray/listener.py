@@ -38,6 +38,9 @@ from bonexray.errors import BonexrayError, one_line
 log = logging.getLogger(__name__)
 
 MARKER = ".enqueued"
+# A folder `pull` is still filling: the listener leaves it alone (until it is this old).
+PULLING = ".pulling"
+PULLING_STALE_SECONDS = 3600.0
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 # Transfer syntaxes accepted (those bonexray decodes; see bonexray.dicom).
 TRANSFER_SYNTAXES = (
@@ -144,6 +147,9 @@ class Spool:
         now = time.time() if now is None else now
         out = []
         for folder in self.studies():
+            with contextlib.suppress(OSError):
+                if now - (folder / PULLING).stat().st_mtime < PULLING_STALE_SECONDS:
+                    continue
             files = self.instances(folder)
             if not files:
                 continue
@@ -191,6 +197,19 @@ class Spool:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, folder / MARKER)
+        _fsync_dir(folder)
+
+    @contextlib.contextmanager
+    def filling(self, study_uid: str) -> Iterator[Path]:
+        """While a study's folder is being filled (by `pull`), the listener skips it."""
+        folder = self.root / _safe_name(study_uid)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        flag = folder / PULLING
+        flag.touch(mode=0o600)
+        try:
+            yield folder
+        finally:
+            flag.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -231,6 +250,59 @@ def store_handler(spool: Spool, received: Callable[[], None]) -> Callable[[Any],
     return handle
 
 
+def _submit_pending(spool: Spool, submit: Callable[[Pending], int | None],
+                    stable_seconds: float, stop: threading.Event,
+                    stats: ListenerStats) -> None:
+    for pending in spool.pending(stable_seconds=stable_seconds):
+        if stop.is_set():
+            return
+        try:
+            job = submit(pending)
+        except Exception as exc:  # database or broker away: try again next tick
+            stats.errors += 1
+            log.warning("a complete study waits in the spool: %s", one_line(exc, limit=200))
+            return
+        spool.mark(pending, job=job)
+        stats.jobs += job is not None
+
+
+def _deliver_finished(spool: Spool, deliver: Callable[[int], bool | None],
+                      stop: threading.Event, stats: ListenerStats,
+                      retry_at: dict[int, tuple[float, float]]) -> None:
+    """Send the results of the spool's finished jobs; a job whose send failed waits twice
+    as long each time (1 s to 5 min); an unreachable destination ends the pass.
+
+    `deliver(job)`: True once nothing is left to send, False to try again later, None when
+    the destination could not be reached at all."""
+    now = time.monotonic()
+    try:
+        undelivered = spool.undelivered()
+    except OSError as exc:
+        log.error("spool: %s", one_line(exc, limit=200))
+        return
+    for folder, job in undelivered:
+        if stop.is_set():
+            return
+        when, delay = retry_at.get(job, (0.0, 0.5))
+        if when > now:
+            continue
+        try:
+            done = deliver(job)
+        except Exception as exc:  # database away: next tick
+            stats.errors += 1
+            log.warning("results of job %d not sent yet: %s", job, one_line(exc, limit=200))
+            return
+        if done:
+            retry_at.pop(job, None)
+            with contextlib.suppress(OSError):
+                spool.mark_delivered(folder)
+            continue
+        delay = min(delay * 2, 300.0)
+        retry_at[job] = (now + delay, delay)
+        if done is None:  # the destination is away: the other jobs would fail alike
+            return
+
+
 @dataclass
 class ListenerStats:
     received: int = 0
@@ -258,14 +330,14 @@ def serve(*, spool: Spool, submit: Callable[[Pending], int | None], ae_title: st
           host: str, port: int, allow: tuple[str, ...], stable_seconds: float,
           stop: threading.Event, tick: float = 1.0,
           on_ready: Callable[[], None] | None = None,
-          deliver: Callable[[int], bool] | None = None) -> ListenerStats:
+          deliver: Callable[[int], bool | None] | None = None) -> ListenerStats:
     """Run the SCP until `stop` is set; every `tick` seconds submit the complete studies,
     and (with `deliver`) send the results of the spool's finished jobs.
 
     `submit` registers (and sends, or runs) a job for a pending study and returns its id;
     it raises to say "not now" (database or broker away): the study stays pending.
-    `deliver(job)` sends a job's results and returns True once nothing is left to send;
-    the marker records it, so a restart sends what was not sent yet."""
+    `deliver(job)` sends a job's results (see _deliver_finished); the marker records a
+    job whose results all went, so a restart sends what was not sent yet."""
     from pynetdicom import evt
 
     quiet_pynetdicom()
@@ -289,31 +361,16 @@ def serve(*, spool: Spool, submit: Callable[[Pending], int | None], ae_title: st
              spool.root)
     if on_ready is not None:
         on_ready()
+    retry_at: dict[int, tuple[float, float]] = {}  # job -> (next try, delay): backoff
     try:
         while not stop.is_set():
-            for pending in spool.pending(stable_seconds=stable_seconds):
-                if stop.is_set():
-                    break
-                try:
-                    job = submit(pending)
-                except Exception as exc:  # database or broker away: try again next tick
-                    stats.errors += 1
-                    log.warning("a complete study waits in the spool: %s",
-                                one_line(exc, limit=200))
-                    break
-                spool.mark(pending, job=job)
-                stats.jobs += job is not None
+            try:
+                _submit_pending(spool, submit, stable_seconds, stop, stats)
+            except OSError as exc:  # the spool's disk: full, or a folder removed
+                stats.errors += 1
+                log.error("spool: %s", one_line(exc, limit=200))
             if deliver is not None:
-                for folder, job in spool.undelivered():
-                    if stop.is_set():
-                        break
-                    try:
-                        if deliver(job):
-                            spool.mark_delivered(folder)
-                    except Exception as exc:  # database away: next tick
-                        stats.errors += 1
-                        log.warning("results of job %d not sent yet: %s", job,
-                                    one_line(exc, limit=200))
+                _deliver_finished(spool, deliver, stop, stats, retry_at)
             stop.wait(tick)
     finally:
         server.shutdown()

@@ -68,6 +68,8 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))
     # pydicom's warnings about damaged files quote header values (patient data).
     logging.getLogger("pydicom").setLevel(max(logging.ERROR, root.level))
+    # dicomweb-client logs the UIDs it searches and retrieves, at INFO.
+    logging.getLogger("dicomweb_client").setLevel(max(logging.WARNING, root.level))
 
 
 def use_format(logger: logging.Logger, fmt: str) -> None:

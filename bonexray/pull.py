@@ -34,6 +34,13 @@ class PullError(BonexrayError, RuntimeError):
     """The DICOMweb server cannot be searched or read."""
 
 
+def _no_urls(exc: BaseException) -> str:
+    """An error's reason without the URLs it quotes (they hold UIDs, accession numbers)."""
+    import re
+
+    return re.sub(r"https?://\S+", "<url>", one_line(exc, limit=300))[:200]
+
+
 def _value(item: dict[str, Any], tag: str) -> str | None:
     values = (item.get(tag) or {}).get("Value") or []
     return str(values[0]) if values else None
@@ -78,7 +85,7 @@ def search(client: Any, *, dates: str | None, modalities: Sequence[str],
         studies = client.search_for_studies(search_filters=filters, limit=limit,
                                             get_remaining=limit is None)
     except Exception as exc:  # requests' and the server's errors alike
-        raise PullError(f"QIDO-RS search failed: {one_line(exc, limit=200)}") from None
+        raise PullError(f"QIDO-RS search failed: {_no_urls(exc)}") from None
     wanted = {m.upper() for m in modalities}
     out: dict[str, list[str]] = {}
     for study in studies:
@@ -90,8 +97,7 @@ def search(client: Any, *, dates: str | None, modalities: Sequence[str],
                 study_instance_uid=uid, fields=[BODY_PART, SERIES_DESCRIPTION],
                 get_remaining=True)
         except Exception as exc:
-            raise PullError(f"QIDO-RS series search failed: {one_line(exc, limit=200)}") \
-                from None
+            raise PullError(f"QIDO-RS series search failed: {_no_urls(exc)}") from None
         chosen = []
         for item in series:
             if (_value(item, MODALITY) or "").upper() not in wanted:
@@ -138,8 +144,7 @@ def retrieve(client: Any, spool: Any, study_uid: str, series: Sequence[str],
                 study_instance_uid=study_uid, series_instance_uid=series_uid,
                 get_remaining=True)
         except Exception as exc:
-            raise PullError(f"QIDO-RS instance search failed: {one_line(exc, limit=200)}") \
-                from None
+            raise PullError(f"QIDO-RS instance search failed: {_no_urls(exc)}") from None
         for item in instances:
             sop_uid = _value(item, SOP_UID)
             if sop_uid is None:
@@ -152,8 +157,7 @@ def retrieve(client: Any, spool: Any, study_uid: str, series: Sequence[str],
                 buffer = io.BytesIO()
                 ds.save_as(buffer, enforce_file_format=True)
             except Exception as exc:
-                raise PullError(f"WADO-RS retrieval failed: {one_line(exc, limit=200)}") \
-                    from None
+                raise PullError(f"WADO-RS retrieval failed: {_no_urls(exc)}") from None
             spool.store(study_uid, sop_uid, buffer.getvalue())
             report.instances_retrieved += 1
 
@@ -175,22 +179,20 @@ def pull(*, client: Any, engine: Engine, model: Any, spool: Any,
     for study_uid, series in found.items():
         if study_uid in done:
             continue
-        try:
-            retrieve(client, spool, study_uid, series, report)
-        except PullError as exc:
-            report.failed[study_uid] = str(exc)
-            continue
-        from bonexray.listener import _safe_name
-
-        folder = spool.root / _safe_name(study_uid)
-        files = spool.instances(folder) if folder.is_dir() else []
-        if not files:
-            continue
-        pending = Pending(folder=folder, instances=len(files),
-                          newest_ns=max(p.stat().st_mtime_ns for p in files),
-                          reopened=force)
-        job = submit(pending)
-        spool.mark(pending, job=job)
+        with spool.filling(study_uid) as folder:  # a listener on this spool waits
+            try:
+                retrieve(client, spool, study_uid, series, report)
+            except PullError as exc:
+                report.failed[study_uid] = str(exc)
+                continue
+            files = spool.instances(folder)
+            if not files:
+                continue
+            pending = Pending(folder=folder, instances=len(files),
+                              newest_ns=max(p.stat().st_mtime_ns for p in files),
+                              reopened=force)
+            job = submit(pending)
+            spool.mark(pending, job=job)
         if job is not None:
             report.jobs.append(job)
             report.folders[job] = folder

@@ -114,3 +114,21 @@ def test_a_study_whose_files_are_gone_is_reported_and_the_rest_written(
                                env=scored["env"]).stdout)
     assert (done["written"], done["failed"]) == (2, 1)
     assert "cannot read view w.dcm again" in next(iter(done["errors"].values()))
+
+
+def test_an_sr_built_again_has_the_same_uids_and_stow_answers_are_read_per_instance(
+        scored: dict[str, Any], tmp_path: Path) -> None:
+    """A resend after a lost answer replaces the SR in the PACS instead of adding one."""
+    from bonexray.delivery import _stow_stored
+
+    first = json.loads(bonexray("export-dicom", "--out", str(tmp_path / "a"), "--json",
+                                env=scored["env"]).stdout)
+    second = json.loads(bonexray("export-dicom", "--out", str(tmp_path / "b"), "--json",
+                                 env=scored["env"]).stdout)
+    uids = [sorted(Path(f).name for f in run["files"]) for run in (first, second)]
+    assert uids[0] == uids[1] and len(set(uids[0])) == 3
+    answer = {"00081199": {"vr": "SQ", "Value": [
+        {"00081155": {"vr": "UI", "Value": ["1.2.3"]}}]},
+        "00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.4"]}}]}}
+    assert _stow_stored(json.dumps(answer).encode()) == {"1.2.3"}
+    assert _stow_stored(b"") is None and _stow_stored(b"<html>") is None

@@ -226,3 +226,34 @@ def test_a_listener_killed_mid_association_loses_nothing_it_acknowledged(setup, 
     rows = wait_for(lambda: [r for r in results(setup["env"]) if r["status"] == "done"
                              and len(r["views"]) == len(files)], what="the whole study")
     assert rows and len(Spool.instances(folder)) == len(files)
+
+
+def test_results_that_cannot_go_out_are_retried_with_backoff(tmp_path):
+    """A destination that is away ends the pass (one call, not one per job) and is tried
+    again later, twice as late each time; a job whose results went is marked and left."""
+    import threading
+
+    from bonexray.listener import ListenerStats, Pending, _deliver_finished
+
+    spool = Spool(tmp_path / "spool")
+    for job in (1, 2):
+        path = spool.store(f"1.2.{job}", f"1.2.{job}.1", b"x")
+        spool.mark(Pending(folder=path.parent, instances=1, newest_ns=0, reopened=False),
+                   job=job)
+    calls: list[int] = []
+    answers = {1: None, 2: None}
+
+    def deliver(job: int) -> bool | None:
+        calls.append(job)
+        return answers[job]
+
+    retry: dict[int, tuple[float, float]] = {}
+    stop, stats = threading.Event(), ListenerStats()
+    _deliver_finished(spool, deliver, stop, stats, retry)
+    assert calls == [1]  # away: the pass ends at the first job
+    _deliver_finished(spool, deliver, stop, stats, retry)
+    assert calls == [1, 2]  # job 1 waits its delay; job 2 is tried, and fails alike
+    answers.update({1: True, 2: True})
+    retry = {job: (0.0, delay) for job, (_, delay) in retry.items()}  # the delays are over
+    _deliver_finished(spool, deliver, stop, stats, retry)
+    assert calls == [1, 2, 1, 2] and spool.undelivered() == []

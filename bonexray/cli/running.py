@@ -309,8 +309,9 @@ def listen(model_ref: str, database_url: str | None, broker_url: str | None,
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     allowed = tuple(a.strip() for a in settings.listen_allow.split(",") if a.strip())
-    def deliver(job_id: int) -> bool:
-        """Send a finished job's SRs; True once nothing is left to send."""
+    def deliver(job_id: int) -> bool | None:
+        """Send a finished job's SRs: True once nothing is left that a retry could send,
+        False to try again later, None when the destination is away."""
         from bonexray.db.query import job_progress
         from bonexray.db.session import session_scope
         from bonexray.delivery import DeliveryError, deliver_job
@@ -324,10 +325,10 @@ def listen(model_ref: str, database_url: str | None, broker_url: str | None,
                                calling_aet=settings.listen_ae_title)
         except DeliveryError as exc:
             click.echo(f"note: job {job_id}: results not sent yet: {exc}", err=True)
-            return False
+            return None
         if done.sent:
             click.echo(f"job {job_id}: {done.sent} SR sent to {destination.text}", err=True)
-        return not done.failed
+        return set(done.failed) <= done.permanent
 
     stats = serve(spool=spool, submit=submit, ae_title=settings.listen_ae_title,
                   host=settings.listen_host, port=settings.listen_port, allow=allowed,
@@ -354,8 +355,9 @@ def _spool_submitter(db: Any, model: Any, settings: Any, *, embedded: bool,
                               skip_done=not pending.reopened)
         except NothingToSend:
             return None
-        except StudyError as exc:  # nothing classifiable in it: recorded, not retried
-            click.echo(f"note: a spooled study holds nothing to classify: {exc}", err=True)
+        except StudyError:  # nothing classifiable in it: recorded, not retried
+            click.echo("note: a spooled study holds nothing to classify (left in the spool)",
+                       err=True)
             return None
         if embedded:
             run_embedded(engine=db, job=job, settings=settings)
