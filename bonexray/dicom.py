@@ -28,6 +28,7 @@ pyjpegls (JPEG-LS; MIT). pylibjpeg-libjpeg (GPLv3) is not used.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -183,15 +184,12 @@ def _display_pixels(ds: Any, stored: np.ndarray) -> np.ndarray:
 
     padding = _padding_mask(ds, stored)
     values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        shown = _voi_lut(ds, values)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        shown = _window(ds, values)
-    else:
+
+    def bounds() -> tuple[float, ...]:
         real = values if padding is None else values[~padding]
-        shown = _robust_window(values, np.percentile(real if real.size else values,
-                                                     ROBUST_WINDOW))
-    return _finish(ds, shown, padding)
+        return tuple(np.percentile(real if real.size else values, ROBUST_WINDOW))
+
+    return _finish(ds, _voi(ds, values, bounds), padding)
 
 
 def _display_levels(ds: Any, levels: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -200,16 +198,22 @@ def _display_levels(ds: Any, levels: np.ndarray, counts: np.ndarray) -> np.ndarr
 
     padding = _padding_mask(ds, levels)
     values = np.asarray(apply_modality_lut(levels, ds), dtype=np.float64)
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        shown = _voi_lut(ds, values)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        shown = _window(ds, values)
-    else:
+
+    def bounds() -> tuple[float, ...]:
         real = counts if padding is None else np.where(padding, 0, counts)
-        if not real.any():
-            real = counts
-        shown = _robust_window(values, _weighted_percentiles(values, real, ROBUST_WINDOW))
-    return _finish(ds, shown, padding)
+        return _weighted_percentiles(values, real if real.any() else counts, ROBUST_WINDOW)
+
+    return _finish(ds, _voi(ds, values, bounds), padding)
+
+
+def _voi(ds: Any, values: np.ndarray, bounds: Callable[[], tuple[float, ...]]) -> np.ndarray:
+    """Modality values -> [0, 1]: the VOI LUT Sequence, else the first window, else the
+    robust window between `bounds()` (the 0.5th and 99.5th percentiles of real pixels)."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        return _voi_lut(ds, values)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        return _window(ds, values)
+    return _robust_window(values, bounds())
 
 
 def _finish(ds: Any, shown: np.ndarray, padding: np.ndarray | None) -> np.ndarray:

@@ -283,10 +283,7 @@ def listen(model_ref: str, database_url: str | None, broker_url: str | None,
     import signal
     import threading
 
-    from bonexray.jobs import check_broker
-    from bonexray.listener import Spool, serve
-    from bonexray.modelstore import resolve_model
-    from bonexray.pipeline.chunks import get_classifier
+    from bonexray.listener import serve
 
     apply_overrides(database_url=database_url, broker_url=broker_url,
                     listen_ae_title=ae_title, listen_host=host, listen_port=port,
@@ -296,13 +293,7 @@ def listen(model_ref: str, database_url: str | None, broker_url: str | None,
     from bonexray.delivery import parse_destination
 
     destination = parse_destination(settings.send_to) if settings.send_to else None
-    if not embedded:
-        check_broker(settings)
-    db = base.engine(model_ref=model_ref)
-    model = resolve_model(engine=db, ref=model_ref)
-    if embedded:
-        get_classifier(model, settings)
-    spool = Spool(settings.spool_dir)
+    db, model, spool = _spool_setup(model_ref, settings, embedded=embedded)
     submit = _spool_submitter(db, model, settings, embedded=embedded, source="listen")
 
     stop = threading.Event()
@@ -338,6 +329,23 @@ def listen(model_ref: str, database_url: str | None, broker_url: str | None,
                       f"listening as {settings.listen_ae_title} on {settings.listen_host}:"
                       f"{settings.listen_port}; spool {spool.root}", err=True))
     click.echo(f"stopped: {stats.received} instances received, {stats.jobs} jobs", err=True)
+
+
+def _spool_setup(model_ref: str, settings: Any, *, embedded: bool) -> tuple[Any, Any, Any]:
+    """The database, the model and the spool of `listen` and `pull`: the broker checked
+    (workers' mode) or the model loaded (embedded) before anything is received."""
+    from bonexray.jobs import check_broker
+    from bonexray.listener import Spool
+    from bonexray.modelstore import resolve_model
+    from bonexray.pipeline.chunks import get_classifier
+
+    if not embedded:
+        check_broker(settings)
+    db = base.engine(model_ref=model_ref)
+    model = resolve_model(engine=db, ref=model_ref)
+    if embedded:
+        get_classifier(model, settings)
+    return db, model, Spool(settings.spool_dir)
 
 
 def _spool_submitter(db: Any, model: Any, settings: Any, *, embedded: bool,
@@ -408,10 +416,6 @@ def pull(url: str, model_ref: str, database_url: str | None, broker_url: str | N
     from dicomweb_client.api import DICOMwebClient
 
     from bonexray.delivery import DeliveryError, deliver_job, parse_destination
-    from bonexray.jobs import check_broker
-    from bonexray.listener import Spool
-    from bonexray.modelstore import resolve_model
-    from bonexray.pipeline.chunks import get_classifier
     from bonexray.pull import date_range
     from bonexray.pull import pull as run_pull
 
@@ -421,13 +425,7 @@ def pull(url: str, model_ref: str, database_url: str | None, broker_url: str | N
     dates = date_range(since, until)
     destination = parse_destination(settings.send_to) if settings.send_to and embedded \
         else None
-    if not embedded:
-        check_broker(settings)
-    db = base.engine(model_ref=model_ref)
-    model = resolve_model(engine=db, ref=model_ref)
-    if embedded:
-        get_classifier(model, settings)
-    spool = Spool(settings.spool_dir)
+    db, model, spool = _spool_setup(model_ref, settings, embedded=embedded)
     done = run_pull(client=DICOMwebClient(url=url.rstrip("/")), engine=db, model=model,
                     spool=spool,
                     submit=_spool_submitter(db, model, settings, embedded=embedded,
