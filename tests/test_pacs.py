@@ -95,10 +95,35 @@ class OrthancServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+    def put(self, path: str, body: Any) -> None:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         method="PUT")
+        urllib.request.urlopen(request, timeout=30).close()
+
+    def delete(self, path: str) -> None:
+        urllib.request.urlopen(urllib.request.Request(self.url + path, method="DELETE"),
+                               timeout=30).close()
+
+
+@pytest.fixture(scope="session")
+def orthanc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """One Orthanc for the test session, stopped with SIGTERM at its end."""
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), {})
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert "Doe" not in server.log.read_text()  # DeidentifyLogs
+
+
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
+def world(tmp_path: Path, orthanc_server: OrthancServer) -> Iterator[dict[str, Any]]:
+    orthanc = orthanc_server
+    for study in orthanc.get("/studies"):  # each test starts from an empty PACS
+        orthanc.delete(f"/studies/{study}")
     listen_port = free_port()
-    orthanc = OrthancServer(tmp_path, {"bonexray": ["BONEXRAY", "127.0.0.1", listen_port]})
+    orthanc.put("/modalities/bonexray", {"AET": "BONEXRAY", "Host": "127.0.0.1",
+                                         "Port": listen_port})
     model = write_cheap_model(tmp_path / "cheap.onnx", image_size=32)
     env = {"BONEXRAY_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}"}
     uid = generate_uid()
@@ -111,8 +136,6 @@ def world(tmp_path: Path) -> Iterator[dict[str, Any]]:
     finally:
         for listener in started:
             listener.stop(signal.SIGKILL)
-        orthanc.stop()
-    assert "Doe" not in orthanc.log.read_text()  # DeidentifyLogs
 
 
 def upload(orthanc: OrthancServer, files: list[Path]) -> str:
