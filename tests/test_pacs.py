@@ -248,3 +248,43 @@ def test_pull_retrieves_radiographs_by_dicomweb_resumably_and_once(world: dict[s
         env=env).stdout)
     assert (back["sr_sent"], back["sr_failed"]) == (1, 0)
     assert len(orthanc.qido_series(hand_uid, "SR")) == before + 1
+
+
+def test_a_routed_study_scored_by_a_real_worker_comes_back_as_sr(
+        world: dict[str, Any], pg_url: str, redis_url: str) -> None:
+    """The deployment's path: Orthanc routes, the listener enqueues (no --embedded), a
+    `bonexray worker` process scores from Redis and Postgres, the listener sees the job
+    finished and sends the SR back by C-STORE."""
+    import uuid
+
+    from tests.cli_helpers import BONEXRAY
+
+    orthanc, tmp = world["orthanc"], world["tmp"]
+    env = {"BONEXRAY_DATABASE_URL": pg_url, "BONEXRAY_BROKER_URL": redis_url,
+           "BONEXRAY_QUEUE": f"pacs-{uuid.uuid4().hex[:8]}"}
+    study = upload(orthanc, world["files"])
+    log = (tmp / "worker.log").open("w")
+    worker = subprocess.Popen([*BONEXRAY, "worker", "--pool", "solo", "--hostname",
+                               f"pacs-{os.getpid()}@%h"], env={**os.environ, **env},
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        listener = Listener(tmp, "--model", world["model"], "--spool", str(tmp / "spool"),
+                            "--stable-seconds", "1", "--send-to",
+                            f"ORTHANC@127.0.0.1:{orthanc.dicom}", env=env,
+                            port=world["listen_port"])
+        world["listeners"].append(listener)
+        orthanc.post("/modalities/bonexray/store", study.encode())
+        series = wait_for(lambda: orthanc.qido_series(world["uid"], "SR"), 180,
+                          "the SR scored by the worker")
+        assert len(series) == 1
+        rows = [r for r in json.loads(bonexray("results", "--json", env=env).stdout)
+                if r["study"] == f"{world['uid']}/wrist"]
+        assert rows and rows[0]["status"] == "done"
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+        log.close()
+    assert "bonexray.classify_chunk" in (tmp / "worker.log").read_text()
