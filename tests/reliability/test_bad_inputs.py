@@ -64,7 +64,7 @@ def build_corpus(root: Path) -> tuple[Path, dict[str, str]]:
         "deleted before processing.png": good_png,
         ".hidden.png": good_png,  # hidden: not a view
         "notes.txt": b"not a view",
-        "scan.dcm": b"DICM",
+        "scan.dcm": b"DICM",  # named DICOM, unreadable: a failed study of its own
         "Thumbs.db": b"\x00" * 10,
     }
     for name, data in files.items():
@@ -93,11 +93,13 @@ def test_every_view_is_scored_or_has_an_error_row(tmp_path, cheap_model, env, pg
     assert on_disk == sorted(expect)  # the corpus's own check: these, and only these, are views
 
     summary = enqueue(root, cheap_model, env)
-    assert summary["studies"] == 3 and summary["views"] == len(expect) + 1
+    # Three folders, and scan.dcm: a file named DICOM whose header cannot be read is a
+    # study of its own, failing with its reason (reported, not dropped).
+    assert summary["studies"] == 4 and summary["views"] == len(expect) + 2
     (study / "deleted before processing.png").unlink()  # gone between enqueue and the worker
     worker = workers(env, tmp_path / "worker.log")
     p = wait_finished(pg_url, summary["job"])
-    assert (p["done"], p["failed"], p["empty"]) == (1, 1, 1), p
+    assert (p["done"], p["failed"], p["empty"]) == (1, 2, 1), p
 
     rows = study_rows(pg_url, summary["job"])
     views = rows[str(study)]["views"]
@@ -110,7 +112,9 @@ def test_every_view_is_scored_or_has_an_error_row(tmp_path, cheap_model, env, pg
             assert prob is None and error is not None and outcome in error, (name, error)
             assert "\n" not in error and len(error) < 400
     scored = sum(outcome == "scored" for outcome in expect.values())
-    assert p["views_scored"] == scored and p["views_failed"] == len(expect) - scored + 1
+    assert p["views_scored"] == scored and p["views_failed"] == len(expect) - scored + 2
+    dicom = rows[str(study / "scan.dcm")]
+    assert dicom["status"] == "failed" and "DICOM" in dicom["views"][str(study / "scan.dcm")][1]
     assert rows[str(study)]["status"] == "done"
     broken = rows[str(root / "XR_HAND" / "patient 2" / "study1_negative")]
     assert broken["status"] == "failed" and "all 1 failed" in broken["error"]
