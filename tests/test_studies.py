@@ -172,8 +172,11 @@ def test_hidden_and_non_image_files_are_ignored(tmp_path: Path) -> None:
     _view(tmp_path / ".cache" / "thumb.png")
     _view(study / ".git" / "x.png")
     found = _by_name(find_studies(tmp_path), tmp_path)
-    assert sorted(found) == ["study"]
+    # A file named DICOM is never ignored: unreadable, it is a study of its own that will
+    # fail with its reason (bonexray.dicom_studies).
+    assert sorted(found) == ["study", "study/scan.dcm"]
     assert [Path(v).name for v in found["study"].views] == ["image1.png"]
+    assert found["study/scan.dcm"].views == (str(study.resolve() / "scan.dcm"),)
 
 
 def test_upper_case_extensions(tmp_path: Path) -> None:
