@@ -180,7 +180,7 @@ def deliver_job(*, engine: Engine, job_id: int, destination: Destination,
             raise JobNotFoundError(f"no job {job_id} in the database")
         model_id = job.model_id
         keys = dict(session.execute(select(Study.id, Study.key)
-                                    .where(Study.job_id == job_id)).tuples().all())
+                                    .where(Study.job_id == job_id)).all())
         sent_keys = set(session.scalars(
             select(Delivery.key).where(Delivery.model_id == model_id,
                                        Delivery.destination == destination.text,
@@ -271,7 +271,7 @@ def delivery_counts(session: Any, job_id: int) -> dict[str, Any]:
 
     counts = dict(session.execute(select(Delivery.status, func.count())
                                   .where(Delivery.job_id == job_id)
-                                  .group_by(Delivery.status)).tuples().all())
+                                  .group_by(Delivery.status)).all())
     last = session.scalar(select(Delivery.error).where(Delivery.job_id == job_id,
                                                        Delivery.status == FAILED)
                           .order_by(Delivery.updated_at.desc()).limit(1))
