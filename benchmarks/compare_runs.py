@@ -47,6 +47,54 @@ def _paired_auroc(labels: np.ndarray, runs: list[np.ndarray], idx: np.ndarray) -
     return out
 
 
+Run = tuple[np.ndarray, np.ndarray, "list[str] | None"]
+
+
+def load_runs(paths: list[Path], labels: np.ndarray | None = None,
+              studies: list[str] | None = None) -> list[Run]:
+    """Load score files that must all score the same test studies (checked)."""
+    runs = [_load(p) for p in paths]
+    if labels is None:
+        labels, _, studies = runs[0]
+    for (y, _, order), path in zip(runs, paths, strict=True):
+        if not np.array_equal(y, labels) or (order and studies and order != studies):
+            raise SystemExit(f"{path}: its labels or studies differ from the first file's; "
+                             "the runs must score the same test studies in the same order")
+    return runs
+
+
+def compare(runs: dict[str, list[Run]], paths: dict[str, list[Path]], *, resamples: int,
+            seed: int) -> dict[str, object]:
+    """Each run's AUROC with a 95% bootstrap interval, each recipe's mean over its runs, and
+    the difference of the two means with a paired interval (the same resampled studies for
+    every run of both recipes). runs has exactly two recipes; the first minus the second."""
+    labels, _, _ = next(iter(runs.values()))[0]
+    report: dict[str, object] = {"studies": int(len(labels)), "abnormal": int(labels.sum()),
+                                 "resamples": resamples}
+    idx = np.random.default_rng(seed).integers(0, len(labels), size=(resamples, len(labels)))
+    means = {}
+    for name, recipe in runs.items():
+        per_run = []
+        for (_, scores, _), path in zip(recipe, paths[name], strict=True):
+            low, high = bootstrap_ci(labels, scores, resamples=resamples, seed=seed)["auroc"]
+            per_run.append({"file": str(path), "auroc": round(auroc(labels, scores), 4),
+                            "ci95": [round(low, 4), round(high, 4)]})
+        draws = _paired_auroc(labels, [s for _, s, _ in recipe], idx).mean(axis=1)
+        means[name] = draws
+        point = float(np.mean([auroc(labels, s) for _, s, _ in recipe]))
+        report[name] = {"runs": per_run, "mean_auroc": round(point, 4),
+                        "mean_ci95": [round(float(np.nanpercentile(draws, q)), 4)
+                                      for q in (2.5, 97.5)]}
+    a, b = runs
+    diff = means[a] - means[b]
+    point = report[a]["mean_auroc"] - report[b]["mean_auroc"]  # type: ignore[index]
+    report[f"{a}_minus_{b}"] = {
+        "auroc": round(point, 4),
+        "ci95": [round(float(np.nanpercentile(diff, q)), 4) for q in (2.5, 97.5)],
+        "share_of_resamples_above_0": round(float(np.nanmean(diff > 0)), 4)}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--a", nargs="+", type=Path, required=True)
@@ -55,46 +103,18 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.names[0] == args.names[1]:
+        raise SystemExit("--names: the two recipes need different names")
 
-    loaded = {name: [_load(p) for p in paths]
-              for name, paths in zip(args.names, (args.a, args.b), strict=True)}
-    labels, _, studies = next(iter(loaded.values()))[0]
-    for name, runs in loaded.items():
-        for (y, _, order), path in zip(runs, args.a if name == args.names[0] else args.b,
-                                       strict=True):
-            if not np.array_equal(y, labels) or (order and studies and order != studies):
-                raise SystemExit(f"{path}: its labels or studies differ from the first file's; "
-                                 "the runs must score the same test studies in the same order")
+    first = load_runs(args.a)
+    labels, _, studies = first[0]
+    runs = {args.names[0]: first, args.names[1]: load_runs(args.b, labels, studies)}
     if studies is None:
         print("warning: the files name no studies; runs are paired by position only",
               file=sys.stderr)
-    report: dict[str, object] = {"studies": int(len(labels)), "abnormal": int(labels.sum()),
-                                 "resamples": args.resamples}
-    idx = np.random.default_rng(args.seed).integers(0, len(labels),
-                                                    size=(args.resamples, len(labels)))
-    means = {}
-    for name, runs in loaded.items():
-        paths = args.a if name == args.names[0] else args.b
-        per_run = []
-        for (_, scores, _), path in zip(runs, paths, strict=True):
-            low, high = bootstrap_ci(labels, scores, resamples=args.resamples,
-                                     seed=args.seed)["auroc"]
-            per_run.append({"file": str(path), "auroc": round(auroc(labels, scores), 4),
-                            "ci95": [round(low, 4), round(high, 4)]})
-        draws = _paired_auroc(labels, [s for _, s, _ in runs], idx).mean(axis=1)
-        means[name] = draws
-        point = float(np.mean([auroc(labels, s) for _, s, _ in runs]))
-        report[name] = {"runs": per_run, "mean_auroc": round(point, 4),
-                        "mean_ci95": [round(float(np.nanpercentile(draws, q)), 4)
-                                      for q in (2.5, 97.5)]}
-    a, b = args.names
-    diff = means[a] - means[b]
-    point = report[a]["mean_auroc"] - report[b]["mean_auroc"]  # type: ignore[index]
-    report[f"{a}_minus_{b}"] = {
-        "auroc": round(point, 4),
-        "ci95": [round(float(np.nanpercentile(diff, q)), 4) for q in (2.5, 97.5)],
-        "share_of_resamples_above_0": round(float(np.nanmean(diff > 0)), 4)}
-    print(json.dumps(report, indent=1))
+    paths = {args.names[0]: list(args.a), args.names[1]: list(args.b)}
+    print(json.dumps(compare(runs, paths, resamples=args.resamples, seed=args.seed),
+                     indent=1))
 
 
 if __name__ == "__main__":
