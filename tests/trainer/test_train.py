@@ -264,7 +264,7 @@ def test_train_one_short_epoch(mura: Path, tmp_path: Path) -> None:
         assert (out / name).is_file()
     ckpt = torch.load(out / "best.pt", weights_only=True)
     assert ckpt["format"] == 1 and ckpt["architecture"] == "densenet169"
-    assert ckpt["image_size"] == 64 and ckpt["resize"] == "stretch"  # the default
+    assert ckpt["image_size"] == 64 and ckpt["resize"] == "letterbox"  # the default
     assert ckpt["threshold"] == 0.5 and ckpt["epoch"] == 1
     assert ckpt["config"]["data"] == str(mura.resolve())
     assert ckpt["head"] == {"layers": [8], "dropout": 0.1, "batch_norm": False,
