@@ -1,5 +1,6 @@
 """The ablation table of issue 18: every recipe's test AUROC per seed against a baseline
-recipe (the trainer's defaults), with paired bootstrap intervals.
+recipe, with paired bootstrap intervals. The baseline is the files named defaults_...: the
+trainer's defaults when those runs were made (stretch; letterbox is the default since).
 
     python benchmarks/ablation_table.py [--scores benchmarks/scores] [--budget 8ep_128px] \
         [--baseline defaults] [--resamples 2000] [--markdown]
@@ -7,7 +8,8 @@ recipe (the trainer's defaults), with paired bootstrap intervals.
 Score files are named RECIPE_BUDGET_seedS.json (what `bonexray train --out RUN` writes to
 RUN/test.json, or `plain_loop.py --out`), e.g. defaults_8ep_128px_seed1.json or
 loss-weights-body-part_8ep_128px_seed2.json. Each recipe is compared with the baseline on
-the seeds both have: the difference of the means over those seeds, with an interval that
+the seeds both have (the mean column averages all of a recipe's seeds; the JSON names the
+paired ones): the difference of the means over those seeds, with an interval that
 resamples the same test studies for every run (benchmarks/compare_runs.py). A recipe with
 no seed in common with the baseline is listed with no difference.
 
@@ -49,6 +51,9 @@ def table(found: dict[str, dict[int, Path]], baseline: str, *, resamples: int,
     base = found[baseline]
     first = load_runs([next(iter(base.values()))])
     labels, _, studies = first[0]
+    if studies is None:
+        print("warning: the baseline's files name no studies; runs are paired by position "
+              "only", file=sys.stderr)
     rows: list[dict[str, object]] = []
     for recipe in [baseline] + sorted(r for r in found if r != baseline):
         files = found[recipe]

@@ -72,7 +72,7 @@ def compare(runs: dict[str, list[Run]], paths: dict[str, list[Path]], *, resampl
     report: dict[str, object] = {"studies": int(len(labels)), "abnormal": int(labels.sum()),
                                  "resamples": resamples}
     idx = np.random.default_rng(seed).integers(0, len(labels), size=(resamples, len(labels)))
-    means = {}
+    means, points = {}, {}
     for name, recipe in runs.items():
         per_run = []
         for (_, scores, _), path in zip(recipe, paths[name], strict=True):
@@ -82,14 +82,14 @@ def compare(runs: dict[str, list[Run]], paths: dict[str, list[Path]], *, resampl
         draws = _paired_auroc(labels, [s for _, s, _ in recipe], idx).mean(axis=1)
         means[name] = draws
         point = float(np.mean([auroc(labels, s) for _, s, _ in recipe]))
+        points[name] = point
         report[name] = {"runs": per_run, "mean_auroc": round(point, 4),
                         "mean_ci95": [round(float(np.nanpercentile(draws, q)), 4)
                                       for q in (2.5, 97.5)]}
     a, b = runs
     diff = means[a] - means[b]
-    point = report[a]["mean_auroc"] - report[b]["mean_auroc"]  # type: ignore[index]
     report[f"{a}_minus_{b}"] = {
-        "auroc": round(point, 4),
+        "auroc": round(points[a] - points[b], 6),  # of the unrounded means
         "ci95": [round(float(np.nanpercentile(diff, q)), 4) for q in (2.5, 97.5)],
         "share_of_resamples_above_0": round(float(np.nanmean(diff > 0)), 4)}
     return report

@@ -15,11 +15,12 @@ from typing import Any
 
 RECIPES: dict[str, dict[str, Any]] = {
     # Measured on FracAtlas split by likely exam (README, "Training"; RESULTS.md, "One
-    # choice at a time"), 8 epochs at 128 px, two seeds, each choice against the others
-    # held fixed: per-part class weights lost 0.078 AUROC to one global weight, stretching
-    # lost 0.015 to letterbox (ahead on both seeds, not beyond doubt), +-30 degrees instead
-    # of +-15 changed nothing; the weights kept are a moving average over training, not
-    # the epoch a noisy validation AUROC happens to favour.
+    # choice at a time"), 8 epochs at 128 px, two seeds, one choice at a time from the
+    # defaults of the time (stretch): per-part class weights lost 0.078 AUROC to one global
+    # weight, stretching lost 0.015 to letterbox (ahead on both seeds, not beyond doubt),
+    # batch 16 lost 0.012, no class weight 0.009, +-30 degrees instead of +-15 showed no
+    # difference. The weights kept are a moving average over training, not the epoch a
+    # noisy validation AUROC favours.
     "default": {"image_size": 224, "batch_size": 32, "lr": None, "optimizer": "auto",
                 "schedule": "auto", "rotation": 15.0, "flip": True, "resize": "letterbox",
                 "loss_weights": "global", "checkpoint": "ema", "average_last": 3,
