@@ -8,9 +8,10 @@ trainer's defaults when those runs were made (stretch; letterbox is the default 
 Score files are named RECIPE_BUDGET_seedS.json (what `bonexray train --out RUN` writes to
 RUN/test.json, or `plain_loop.py --out`), e.g. defaults_8ep_128px_seed1.json or
 loss-weights-body-part_8ep_128px_seed2.json. Each recipe is compared with the baseline on
-the seeds both have (the mean column averages all of a recipe's seeds; the JSON names the
-paired ones): the difference of the means over those seeds, with an interval that
-resamples the same test studies for every run (benchmarks/compare_runs.py). A recipe with
+the seeds both have (the mean column averages all of a recipe's seeds; the JSON and the
+table's "paired seeds" column name the paired ones): the difference of the means over those
+seeds, with an interval that resamples the same test studies for every run
+(benchmarks/compare_runs.py). A recipe with
 no seed in common with the baseline is listed with no difference.
 
 Prints one JSON object (or, with --markdown, a table for RESULTS.md).
@@ -79,7 +80,7 @@ def table(found: dict[str, dict[int, Path]], baseline: str, *, resamples: int,
 def markdown(rows: list[dict[str, object]], baseline: str) -> str:
     seeds = sorted({s for r in rows for s in r["auroc_by_seed"]})  # type: ignore[attr-defined]
     head = ["recipe"] + [f"seed {s}" for s in seeds] + [
-        "mean", f"minus {baseline} (paired 95%)", "ahead in"]
+        "mean", "paired seeds", f"minus {baseline} (paired 95%)", "ahead in"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         by_seed = row["auroc_by_seed"]
@@ -89,10 +90,11 @@ def markdown(rows: list[dict[str, object]], baseline: str) -> str:
         diff = row.get(f"minus_{baseline}")
         if diff:
             low, high = diff["ci95"]  # type: ignore[index]
+            cells.append(", ".join(str(s) for s in row["paired_seeds"]))  # type: ignore[attr-defined]
             cells.append(f"{diff['auroc']:+.3f} ({low:+.3f} to {high:+.3f})")  # type: ignore[index]
             cells.append(f"{diff['share_of_resamples_above_0']:.0%}")  # type: ignore[index]
         else:
-            cells += ["-", "-"]
+            cells += ["-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
