@@ -11,8 +11,8 @@ loss-weights-body-part_8ep_128px_seed2.json. Each recipe is compared with the ba
 the seeds both have (the mean column averages all of a recipe's seeds; the JSON and the
 table's "paired seeds" column name the paired ones): the difference of the means over those
 seeds, with an interval that resamples the same test studies for every run
-(benchmarks/compare_runs.py). A recipe with
-no seed in common with the baseline is listed with no difference.
+(benchmarks/compare_runs.py). A recipe with no seed in common with the baseline is listed
+with no difference.
 
 Prints one JSON object (or, with --markdown, a table for RESULTS.md).
 """
