@@ -62,6 +62,15 @@ log = logging.getLogger("bonexray")
                                 "plateau with weights."))
 @click.option("--rotation", type=float, default=None,
               help=recipe_help("rotation", "Random rotation up to +-degrees; 0 turns it off."))
+@click.option("--zoom", type=click.FloatRange(0.0, 1.0, max_open=True), default=None,
+              help=recipe_help("zoom", "Random zoom by a factor within [1-Z, 1+Z]; 0 turns "
+                                "it off."))
+@click.option("--shift", type=click.FloatRange(0.0, 0.5), default=None,
+              help=recipe_help("shift", "Random shift by up to this share of the side, "
+                                "each way; 0 turns it off."))
+@click.option("--gamma", type=click.FloatRange(0.0, 2.0), default=None,
+              help=recipe_help("gamma", "Random gamma drawn log-uniformly from "
+                                "[exp(-G), exp(G)] (exposure); 0 turns it off."))
 @click.option("--resize", type=click.Choice(["letterbox", "stretch"]), default=None,
               help=recipe_help("resize", "How views become square: letterbox (keep the "
                                 "aspect ratio, pad) or stretch. Stored in the model file, so "
@@ -95,7 +104,8 @@ def train(data: str, out: str, recipe: str, epochs: int, image_size: int | None,
           batch_size: int | None, lr: float | None, optimizer: str | None, weights: str,
           seed: int, workers: int, max_steps: int | None, device: str, head: str,
           dropout: float, batch_norm: bool, init_: str, freeze: str, threshold: str | None,
-          schedule: str | None, rotation: float | None, resize: str | None,
+          schedule: str | None, rotation: float | None, zoom: float | None,
+          shift: float | None, gamma: float | None, resize: str | None,
           loss_weights: str | None, checkpoint_rule: str | None, average_last: int | None,
           candidates: bool, test_dir: str | None, snapshots: int, resume: bool,
           fmt: str) -> None:
@@ -115,7 +125,8 @@ def train(data: str, out: str, recipe: str, epochs: int, image_size: int | None,
         weights=None if weights == "none" else weights, seed=seed, workers=workers,
         max_steps=max_steps, device=device, head=layers, dropout=dropout,
         batch_norm=batch_norm, init=init_, freeze=freeze, threshold=threshold,
-        schedule=schedule, rotation=rotation, resize=resize, loss_weights=loss_weights,
+        schedule=schedule, rotation=rotation, zoom=zoom, shift=shift, gamma=gamma,
+        resize=resize, loss_weights=loss_weights,
         checkpoint=checkpoint_rule, average_last=average_last, candidates=candidates,
         test=test_dir, snapshots=snapshots,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
@@ -21,25 +22,49 @@ FAILED = -1
 
 
 class TrainAugment:
-    """MURA's augmentation on uint8 [1,S,S] tensors: a random lateral (horizontal) flip and
-    a rotation by up to +-`rotation` degrees, drawn from an explicit generator so that an
-    item's augmentation depends on (seed, epoch, item) only, not on DataLoader workers."""
+    """Augmentation on uint8 [1,S,S] tensors: MURA's random lateral (horizontal) flip and
+    rotation by up to +-`rotation` degrees; optionally a zoom by a factor in [1-zoom,
+    1+zoom], a shift by up to +-`shift` of the side each way, and a gamma drawn
+    log-uniformly from [exp(-gamma), exp(gamma)] (an exposure/window change that keeps
+    black and white). Drawn from an explicit generator so that an item's augmentation
+    depends on (seed, epoch, item) only, not on DataLoader workers; the flip and rotation
+    draws come first, so adding the others leaves them as they were."""
 
-    def __init__(self, rotation: float = 30.0, flip: bool = True) -> None:
+    def __init__(self, rotation: float = 30.0, flip: bool = True, *, zoom: float = 0.0,
+                 shift: float = 0.0, gamma: float = 0.0) -> None:
         if rotation < 0:
             raise InvalidValueError(f"rotation must be >= 0 degrees, got {rotation}")
+        if not 0.0 <= zoom < 1.0:
+            raise InvalidValueError(f"zoom must be within [0, 1), got {zoom}")
+        if not 0.0 <= shift <= 0.5:
+            raise InvalidValueError(f"shift must be within [0, 0.5] of the side, got {shift}")
+        if not 0.0 <= gamma <= 2.0:
+            raise InvalidValueError(f"gamma must be within [0, 2], got {gamma}")
         self.rotation = float(rotation)
         self.flip = flip
+        self.zoom, self.shift, self.gamma = float(zoom), float(shift), float(gamma)
 
     def __call__(self, pixels: torch.Tensor,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         draws = torch.rand(2, generator=generator).tolist()
+        more = torch.rand(4, generator=generator).tolist() \
+            if self.zoom or self.shift or self.gamma else [0.5] * 4
         if self.flip and draws[0] < 0.5:
             pixels = v2.functional.horizontal_flip(pixels)
-        if self.rotation > 0:
-            angle = (2.0 * draws[1] - 1.0) * self.rotation
+        angle = (2.0 * draws[1] - 1.0) * self.rotation
+        if self.zoom or self.shift:
+            side = pixels.shape[-1]
+            scale = 1.0 + (2.0 * more[0] - 1.0) * self.zoom
+            moves = [round((2.0 * d - 1.0) * self.shift * side) for d in more[1:3]]
+            pixels = v2.functional.affine(pixels, angle=angle, translate=moves, scale=scale,
+                                          shear=[0.0, 0.0],
+                                          interpolation=v2.InterpolationMode.BILINEAR, fill=0)
+        elif self.rotation > 0:
             pixels = v2.functional.rotate(pixels, angle,
                                           interpolation=v2.InterpolationMode.BILINEAR, fill=0)
+        if self.gamma:
+            pixels = v2.functional.adjust_gamma(
+                pixels, math.exp((2.0 * more[3] - 1.0) * self.gamma))
         return pixels
 
 

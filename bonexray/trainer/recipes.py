@@ -25,10 +25,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # the epoch a noisy validation AUROC favours.
     "default": {"image_size": 224, "batch_size": 32, "lr": None, "optimizer": "auto",
                 "schedule": "auto", "rotation": 15.0, "flip": True, "resize": "letterbox",
+                "zoom": 0.0, "shift": 0.0, "gamma": 0.0,
                 "loss_weights": "global", "checkpoint": "ema", "average_last": 3,
                 "threshold": "0.5"},
     "mura": {"image_size": 320, "batch_size": 8, "lr": 1e-4, "optimizer": "adam",
              "schedule": "plateau", "rotation": 30.0, "flip": True, "resize": "stretch",
+             "zoom": 0.0, "shift": 0.0, "gamma": 0.0,
              "loss_weights": "body-part", "checkpoint": "best-valid", "average_last": 3,
              "threshold": "0.5"},
 }

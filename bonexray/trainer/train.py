@@ -56,9 +56,10 @@ OPTIMIZERS = ("auto", "adam", "adamw")
 _RESUME_KEYS = ("data", "image_size", "batch_size", "lr", "weights", "seed", "rotation",
                 "flip", "head", "dropout", "batch_norm", "init", "resize", "freeze",
                 "schedule", "threshold", "loss_weights", "test", "checkpoint",
-                "average_last", "optimizer", "candidates")
+                "average_last", "optimizer", "candidates", "zoom", "shift", "gamma")
 _RESUME_DEFAULTS = {"loss_weights": "body-part", "test": None, "checkpoint": "best-valid",
-                    "average_last": 3, "optimizer": "auto", "candidates": False}
+                    "average_last": 3, "optimizer": "auto", "candidates": False,
+                    "zoom": 0.0, "shift": 0.0, "gamma": 0.0}
 
 
 class TrainError(BonexrayError, ValueError):
@@ -80,6 +81,9 @@ class TrainConfig:
     workers: int = 2
     max_steps: int | None = None  # cap on steps per epoch (tests, smoke runs)
     rotation: float = DEFAULT["rotation"]
+    zoom: float = DEFAULT["zoom"]  # random zoom by a factor within [1-zoom, 1+zoom]
+    shift: float = DEFAULT["shift"]  # random shift by up to this share of the side
+    gamma: float = DEFAULT["gamma"]  # random gamma within [exp(-gamma), exp(gamma)]
     device: str = "auto"
     head: tuple[int, ...] = ()
     dropout: float = 0.0
@@ -123,6 +127,12 @@ class TrainConfig:
             raise TrainError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.rotation < 0:
             raise TrainError(f"rotation must be >= 0 degrees, got {self.rotation}")
+        if not 0.0 <= self.zoom < 1.0:
+            raise TrainError(f"zoom must be within [0, 1), got {self.zoom}")
+        if not 0.0 <= self.shift <= 0.5:
+            raise TrainError(f"shift must be within [0, 0.5] of the side, got {self.shift}")
+        if not 0.0 <= self.gamma <= 2.0:
+            raise TrainError(f"gamma must be within [0, 2], got {self.gamma}")
         if self.init not in INITS:
             raise TrainError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.resize not in RESIZE_RULES:
@@ -632,7 +642,8 @@ def train(config: TrainConfig, *, resume: bool = False,
             f"{data}: need labelled studies for training and validation, found "
             f"{len(train_studies)} and {len(valid_studies)}"
         )
-    augment = TrainAugment(config.rotation, flip=config.flip)
+    augment = TrainAugment(config.rotation, flip=config.flip, zoom=config.zoom,
+                           shift=config.shift, gamma=config.gamma)
     train_set = ViewDataset(train_studies, image_size=config.image_size, resize=config.resize,
                             augment=augment, seed=config.seed)
     valid_set = ViewDataset(valid_studies, image_size=config.image_size, resize=config.resize)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from bonexray.errors import InvalidValueError
 from bonexray.metrics import choose_threshold
 from bonexray.studies import find_studies
 from bonexray.trainer.data import FAILED, TrainAugment, ViewDataset, collate_views
@@ -372,6 +373,29 @@ def test_augmentation_depends_on_seed_epoch_and_item(mura: Path) -> None:
     assert not torch.equal(first, torch.stack([ds[i][0] for i in range(6)]))
     plain = ViewDataset(find_studies(mura), image_size=32)
     assert not torch.equal(first, torch.stack([plain[i][0] for i in range(6)]))
+
+
+def test_zoom_shift_and_gamma_add_to_flips_and_rotations() -> None:
+    pixels = torch.arange(64 * 64, dtype=torch.float32).reshape(1, 64, 64).remainder(251) \
+        .to(torch.uint8)
+
+    def seeded() -> torch.Generator:
+        return torch.Generator().manual_seed(7)
+
+    base = TrainAugment(15)(pixels, seeded())
+    # all three off: the very draws and pixels of flips and rotations alone
+    assert torch.equal(TrainAugment(15, zoom=0, shift=0, gamma=0)(pixels, seeded()), base)
+    for extra in ({"zoom": 0.2}, {"shift": 0.1}, {"gamma": 0.5}):
+        out = TrainAugment(15, **extra)(pixels, seeded())
+        assert out.dtype == torch.uint8 and out.shape == pixels.shape
+        assert not torch.equal(out, base), extra
+        assert torch.equal(out, TrainAugment(15, **extra)(pixels, seeded()))
+    # gamma keeps black black and white white
+    ends = torch.tensor([[[0, 255]]], dtype=torch.uint8)
+    assert TrainAugment(0, flip=False, gamma=1.0)(ends, seeded()).tolist() == [[[0, 255]]]
+    for bad in ({"zoom": 1.0}, {"shift": 0.6}, {"gamma": -0.1}):
+        with pytest.raises(InvalidValueError):
+            TrainAugment(15, **bad)
 
 
 def test_threshold_rule_is_chosen_on_validation(mura: Path, tmp_path: Path) -> None:
