@@ -621,10 +621,13 @@ def test_cli_recipe_mura_trains_with_adam(mura: Path, tmp_path: Path) -> None:
     out = tmp_path / "m"
     result = CliRunner().invoke(cli, [
         "train", str(mura), "--out", str(out), "--recipe", "mura", "--epochs", "1",
-        "--image-size", "32", "--max-steps", "1", "--workers", "0", "--json"])
+        "--image-size", "32", "--max-steps", "1", "--workers", "0", "--zoom", "0.1",
+        "--gamma", "0.2", "--json"])
     assert result.exit_code == 0, result.output
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["config"]["recipe"] == "mura" and ckpt["config"]["batch_size"] == 8
+    assert (ckpt["config"]["zoom"], ckpt["config"]["shift"], ckpt["config"]["gamma"]) == \
+        (0.1, 0.0, 0.2)
     assert ckpt["config"]["image_size"] == 32  # given on the command line: it wins
     assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
     assert "betas" in ckpt["optimizer"]["param_groups"][0]
