@@ -30,7 +30,7 @@ log = logging.getLogger("bonexray")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help=recipe_help("batch_size", ""))
 @click.option("--lr", type=float, default=None,
-              help=recipe_help("lr", "Peak learning rate (auto: 1e-3 from scratch, 1e-4 with "
+              help=recipe_help("lr", "Peak learning rate (auto: 5e-4 from scratch, 1e-4 with "
                                 "--weights)."))
 @click.option("--optimizer", type=click.Choice(["auto", "adam", "adamw"]), default=None,
               help=recipe_help("optimizer", "auto: AdamW from scratch, Adam with --weights."))

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 STEP_LOG_SECONDS = 30.0  # a training step line in the log at most this often
-SCRATCH_LR = 1e-3  # OneCycle peak from scratch (MEASURED.md)
+SCRATCH_LR = 5e-4  # OneCycle peak from scratch (README, "The defaults, and why")
 FINETUNE_LR = 1e-4  # MURA's Adam rate for ImageNet-initialised weights
 VALID_FRACTION = 0.2
 # auto: one-cycle from scratch, MURA's divide-by-10-on-plateau with initial weights.
@@ -75,7 +75,7 @@ class TrainConfig:
     epochs: int = 8
     image_size: int = DEFAULT["image_size"]
     batch_size: int = DEFAULT["batch_size"]
-    lr: float | None = DEFAULT["lr"]  # None: 1e-3 peak from scratch, 1e-4 with weights
+    lr: float | None = DEFAULT["lr"]  # None: 5e-4 peak from scratch, 1e-4 with weights
     weights: str | None = None  # None, "imagenet" or a state dict path
     seed: int = 0
     workers: int = 2
